@@ -1,0 +1,28 @@
+"""revoptax: exactly reversible learning for JAX and Optax.
+
+Hypergradients through whole training runs by running training backwards
+exactly (Maclaurin, Duvenaud & Adams, ICML 2015).
+"""
+
+from revoptax._errors import ReversibilityError
+from revoptax._fixed_point import Fixed, FixedPointFormat
+from revoptax._sgd import (
+    ExactLeaf,
+    MomentumSGDRule,
+    ReversibleSGDState,
+    ReversibleTransformation,
+    reversible_sgd,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExactLeaf",
+    "Fixed",
+    "FixedPointFormat",
+    "MomentumSGDRule",
+    "ReversibilityError",
+    "ReversibleSGDState",
+    "ReversibleTransformation",
+    "reversible_sgd",
+]

@@ -1,0 +1,119 @@
+"""Clear errors from inside ``jit``, ``vmap`` and ``custom_vjp`` code.
+
+Checks produce boolean flags (or first-failing-step indices) as arrays.  When
+the flags are concrete they are checked in Python; when traced they are sent
+to the host with :func:`jax.debug.callback`, which raises there.  Under
+``jit`` JAX re-raises the callback's exception as a ``JaxRuntimeError`` whose
+message contains the revoptax message below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class ReversibilityError(ValueError):
+  """Exact reversal cannot be guaranteed; the message names the step, leaf and fix."""
+
+
+MESSAGES = {
+    "nonfinite": (
+        "the training gradient of leaf {leaf} is not finite at step {step}. Check loss_fn for "
+        "NaN/inf, lower the learning rate, or clip gradients inside loss_fn."
+    ),
+    "range": (
+        "fixed-point overflow in leaf {leaf} at step {step}: a weight, velocity or update left "
+        "the range |x| < 2**int_bits. Training is diverging (lower the learning rate), or the "
+        "values need a wider range: raise int_bits (radix_bits + int_bits <= 62)."
+    ),
+    "momentum": (
+        "momentum of leaf {leaf} at step {step} is not finite. Momentum must lie in (0, 1)."
+    ),
+    "buffer": (
+        "information buffer capacity exceeded for leaf {leaf} at step {step}. The capacity is "
+        "static: raise max_steps, or lower momentum_floor (the smallest momentum the schedule "
+        "will use), or pass buffer_rows explicitly."
+    ),
+    "param_log": (
+        "too many parameters of leaf {leaf} differed from the optimizer's exact value at step "
+        "{step} (param_log_capacity exceeded). Were the params changed outside the optimizer? "
+        "Otherwise raise param_log_capacity."
+    ),
+    "drift": (
+        "nondeterministic gradient detected: at step {step} the gradient of leaf {leaf} "
+        "recomputed in the backward pass differs from the forward pass, so the reversal would "
+        "give a wrong hypergradient. Causes: nondeterministic GPU kernels (set XLA_FLAGS="
+        "--xla_gpu_deterministic_ops=true), vmap or sharding applied to only one pass, "
+        "stateful randomness or host callbacks in loss_fn (use the key option, which replays "
+        "fold_in(key, step))."
+    ),
+    "initial": (
+        "the reversal did not end at the initial exact state (leaf {leaf}); the hypergradient "
+        "is not trustworthy. This indicates a nondeterministic loss_fn; see the drift check."
+    ),
+}
+
+
+def _first_failure(codes: dict[str, np.ndarray], leaf_names: Sequence[str], step_offset: int):
+  """The first (category, leaf, step) with a failure; ``codes`` hold steps or -1."""
+  for category, values in codes.items():
+    values = np.asarray(values)
+    bad = np.argwhere(values >= 0) if values.dtype != np.bool_ else np.argwhere(values)
+    if bad.size:
+      index = tuple(bad[0])
+      leaf = leaf_names[index[-1]] if leaf_names else "?"
+      step = int(values[index]) if values.dtype != np.bool_ else step_offset
+      return category, leaf, step
+  return None
+
+
+def raise_on_failure(
+    codes: dict[str, jax.Array],
+    leaf_names: Sequence[str],
+    api: str,
+    step=None,
+    on_failure: Callable[[str], None] | None = None,
+):
+  """Raise :class:`ReversibilityError` if any code reports a failure.
+
+  Args:
+    codes: category -> array whose last axis runs over leaves; either booleans
+      (True = failed at ``step``) or int32 steps (>= 0 = first failing step).
+    leaf_names: pytree paths of the leaves, for the message.
+    api: the public function to name in the message.
+    step: the step for boolean codes (may be traced).
+    on_failure: called with the message instead of raising (used for warnings).
+  """
+  if not codes:
+    return
+  names = tuple(leaf_names)
+
+  def host(step_value, *values):
+    found = _first_failure(dict(zip(codes, values)), names, int(np.asarray(step_value).max()))
+    if found is None:
+      return
+    category, leaf, bad_step = found
+    message = f"{api}: " + MESSAGES[category].format(leaf=leaf, step=bad_step)
+    if on_failure is not None:
+      on_failure(message)
+    else:
+      raise ReversibilityError(message)
+
+  step = jnp.asarray(-1 if step is None else step)
+  values = list(codes.values())
+  if not any(isinstance(x, jax.core.Tracer) for x in (step, *values)):
+    host(np.asarray(step), *[np.asarray(x) for x in values])
+    return
+
+  failed = jnp.zeros((), bool)
+  for x in values:
+    failed = failed | (jnp.any(x) if x.dtype == jnp.bool_ else jnp.any(x >= 0))
+
+  def call():
+    jax.debug.callback(host, step, *values)
+
+  jax.lax.cond(failed, call, lambda: None)
