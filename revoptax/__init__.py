@@ -6,6 +6,7 @@ exactly (Maclaurin, Duvenaud & Adams, ICML 2015).
 
 from revoptax._errors import ReversibilityError
 from revoptax._fixed_point import Fixed, FixedPointFormat
+from revoptax._train import fingerprint, train
 from revoptax._sgd import (
     ExactLeaf,
     MomentumSGDRule,
@@ -25,4 +26,6 @@ __all__ = [
     "ReversibleSGDState",
     "ReversibleTransformation",
     "reversible_sgd",
+    "train",
+    "fingerprint",
 ]

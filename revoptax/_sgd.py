@@ -182,16 +182,23 @@ def validate_momentum(values, api):
 
 
 def buffer_rows(rule: MomentumSGDRule, momentum_values, num_steps, momentum_floor):
-  """Stack rows for a leaf from concrete momenta, else from the momentum floor."""
+  """Stack rows for a leaf from concrete momenta, else from the momentum floor.
+
+  Computed in NumPy (never traced), with the same quantization as the step.
+  """
+  k = rule.momentum_bits
+
+  def bits(gamma):
+    g = np.nan_to_num(np.asarray(gamma, np.float32), nan=0.0)
+    n = np.clip(np.round(g * np.float32(2.0**k)), 2.0 ** (k - 8), 2.0**k - 1)
+    return k - np.log2(n.astype(np.float64))
+
   if momentum_values is not None and momentum_floor is None:
-    n = np.asarray(rule.quantize_momentum(jnp.asarray(momentum_values, jnp.float32)))
-    bits = rule.momentum_bits - np.log2(n.astype(np.float64))
-    per_step = bits.reshape(bits.shape[0], -1).max(axis=1)
+    b = bits(momentum_values)
+    per_step = b.reshape(b.shape[0], -1).max(axis=1)
     total = float(per_step.sum()) * (num_steps / per_step.shape[0])
   else:
-    floor = 0.5 if momentum_floor is None else momentum_floor
-    n = float(rule.quantize_momentum(floor))
-    total = num_steps * (rule.momentum_bits - math.log2(n))
+    total = num_steps * float(bits(0.5 if momentum_floor is None else momentum_floor))
   return buffer_lib.capacity_for(total, num_steps)
 
 
