@@ -6,26 +6,26 @@ exactly (Maclaurin, Duvenaud & Adams, ICML 2015).
 
 from revoptax._errors import ReversibilityError
 from revoptax._fixed_point import Fixed, FixedPointFormat
-from revoptax._train import fingerprint, train
 from revoptax._sgd import (
-    ExactLeaf,
-    MomentumSGDRule,
-    ReversibleSGDState,
-    ReversibleTransformation,
-    reversible_sgd,
+  ExactLeaf,
+  MomentumSGDRule,
+  ReversibleSGDState,
+  ReversibleTransformation,
+  reversible_sgd,
 )
+from revoptax._train import fingerprint, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ExactLeaf",
-    "Fixed",
-    "FixedPointFormat",
-    "MomentumSGDRule",
-    "ReversibilityError",
-    "ReversibleSGDState",
-    "ReversibleTransformation",
-    "reversible_sgd",
-    "train",
-    "fingerprint",
+  "ExactLeaf",
+  "Fixed",
+  "FixedPointFormat",
+  "MomentumSGDRule",
+  "ReversibilityError",
+  "ReversibleSGDState",
+  "ReversibleTransformation",
+  "reversible_sgd",
+  "train",
+  "fingerprint",
 ]

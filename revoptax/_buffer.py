@@ -75,11 +75,11 @@ def init(shape, capacity: int) -> BufferState:
   """An empty buffer for a leaf of ``shape`` holding ``capacity`` spilled rows."""
   shape = tuple(shape)
   return BufferState(
-      head_hi=jnp.ones(shape, U32),  # head = 2**32
-      head_lo=jnp.zeros(shape, U32),
-      stack=jnp.zeros((capacity, *shape), U32),
-      row_step=jnp.full((capacity,), -1, I32),
-      size=jnp.zeros((), I32),
+    head_hi=jnp.ones(shape, U32),  # head = 2**32
+    head_lo=jnp.zeros(shape, U32),
+    stack=jnp.zeros((capacity, *shape), U32),
+    row_step=jnp.full((capacity,), -1, I32),
+    size=jnp.zeros((), I32),
   )
 
 

@@ -21,40 +21,40 @@ class ReversibilityError(ValueError):
 
 
 MESSAGES = {
-    "nonfinite": (
-        "the training gradient of leaf {leaf} is not finite at step {step}. Check loss_fn for "
-        "NaN/inf, lower the learning rate, or clip gradients inside loss_fn."
-    ),
-    "range": (
-        "fixed-point overflow in leaf {leaf} at step {step}: a weight, velocity or update left "
-        "the range |x| < 2**int_bits. Training is diverging (lower the learning rate), or the "
-        "values need a wider range: raise int_bits (radix_bits + int_bits <= 62)."
-    ),
-    "momentum": (
-        "momentum of leaf {leaf} at step {step} is not finite. Momentum must lie in (0, 1)."
-    ),
-    "buffer": (
-        "information buffer capacity exceeded for leaf {leaf} at step {step}. The capacity is "
-        "static: raise max_steps, or lower momentum_floor (the smallest momentum the schedule "
-        "will use), or pass buffer_rows explicitly."
-    ),
-    "param_log": (
-        "too many parameters of leaf {leaf} differed from the optimizer's exact value at step "
-        "{step} (param_log_capacity exceeded). Were the params changed outside the optimizer? "
-        "Otherwise raise param_log_capacity."
-    ),
-    "drift": (
-        "nondeterministic gradient detected: at step {step} the gradient of leaf {leaf} "
-        "recomputed in the backward pass differs from the forward pass, so the reversal would "
-        "give a wrong hypergradient. Causes: nondeterministic GPU kernels (set XLA_FLAGS="
-        "--xla_gpu_deterministic_ops=true), vmap or sharding applied to only one pass, "
-        "stateful randomness or host callbacks in loss_fn (use the key option, which replays "
-        "fold_in(key, step))."
-    ),
-    "initial": (
-        "the reversal did not end at the initial exact state (leaf {leaf}); the hypergradient "
-        "is not trustworthy. This indicates a nondeterministic loss_fn; see the drift check."
-    ),
+  "nonfinite": (
+    "the training gradient of leaf {leaf} is not finite at step {step}. Check loss_fn for "
+    "NaN/inf, lower the learning rate, or clip gradients inside loss_fn."
+  ),
+  "range": (
+    "fixed-point overflow in leaf {leaf} at step {step}: a weight, velocity or update left "
+    "the range |x| < 2**int_bits. Training is diverging (lower the learning rate), or the "
+    "values need a wider range: raise int_bits (radix_bits + int_bits <= 62)."
+  ),
+  "momentum": (
+    "momentum of leaf {leaf} at step {step} is not finite. Momentum must lie in (0, 1)."
+  ),
+  "buffer": (
+    "information buffer capacity exceeded for leaf {leaf} at step {step}. The capacity is "
+    "static: raise max_steps, or lower momentum_floor (the smallest momentum the schedule "
+    "will use), or pass buffer_rows explicitly."
+  ),
+  "param_log": (
+    "too many parameters of leaf {leaf} differed from the optimizer's exact value at step "
+    "{step} (param_log_capacity exceeded). Were the params changed outside the optimizer? "
+    "Otherwise raise param_log_capacity."
+  ),
+  "drift": (
+    "nondeterministic gradient detected: at step {step} the gradient of leaf {leaf} "
+    "recomputed in the backward pass differs from the forward pass, so the reversal would "
+    "give a wrong hypergradient. Causes: nondeterministic GPU kernels (set XLA_FLAGS="
+    "--xla_gpu_deterministic_ops=true), vmap or sharding applied to only one pass, "
+    "stateful randomness or host callbacks in loss_fn (use the key option, which replays "
+    "fold_in(key, step))."
+  ),
+  "initial": (
+    "the reversal did not end at the initial exact state (leaf {leaf}); the hypergradient "
+    "is not trustworthy. This indicates a nondeterministic loss_fn; see the drift check."
+  ),
 }
 
 
@@ -72,11 +72,11 @@ def _first_failure(codes: dict[str, np.ndarray], leaf_names: Sequence[str], step
 
 
 def raise_on_failure(
-    codes: dict[str, jax.Array],
-    leaf_names: Sequence[str],
-    api: str,
-    step=None,
-    on_failure: Callable[[str], None] | None = None,
+  codes: dict[str, jax.Array],
+  leaf_names: Sequence[str],
+  api: str,
+  step=None,
+  on_failure: Callable[[str], None] | None = None,
 ):
   """Raise :class:`ReversibilityError` if any code reports a failure.
 

@@ -33,10 +33,10 @@ from revoptax import _words as words
 I32, U32 = jnp.int32, jnp.uint32
 
 _MANTISSA_BITS = {
-    np.dtype(jnp.float32): 24,
-    np.dtype(jnp.bfloat16): 8,
-    np.dtype(jnp.float16): 11,
-    np.dtype(jnp.float64): 53,
+  np.dtype(jnp.float32): 24,
+  np.dtype(jnp.bfloat16): 8,
+  np.dtype(jnp.float16): 11,
+  np.dtype(jnp.float64): 53,
 }
 
 
@@ -65,13 +65,13 @@ class FixedPointFormat:
   def __post_init__(self):
     if not (1 <= self.radix_bits <= 60 and 1 <= self.int_bits <= 60):
       raise ValueError(
-          f"FixedPointFormat(radix_bits={self.radix_bits}, int_bits={self.int_bits}):"
-          " both must be between 1 and 60."
+        f"FixedPointFormat(radix_bits={self.radix_bits}, int_bits={self.int_bits}):"
+        " both must be between 1 and 60."
       )
     if self.radix_bits + self.int_bits > 62:
       raise ValueError(
-          f"FixedPointFormat: radix_bits + int_bits = {self.radix_bits + self.int_bits}"
-          " exceeds 62, so sums could wrap the 64-bit words. Lower one of them."
+        f"FixedPointFormat: radix_bits + int_bits = {self.radix_bits + self.int_bits}"
+        " exceeds 62, so sums could wrap the 64-bit words. Lower one of them."
       )
 
   @property
@@ -133,9 +133,9 @@ class FixedPointFormat:
     # t = mag >> shift (fits in p <= 24 bits); rem = mag mod 2**shift.
     big = shift >= 32
     t = jnp.where(
-        big,
-        mh >> (s - 32),
-        (ml >> s) | jnp.where(s == 0, words.u32(0), mh << (32 - s)),
+      big,
+      mh >> (s - 32),
+      (ml >> s) | jnp.where(s == 0, words.u32(0), mh << (32 - s)),
     )
     rem_lo = jnp.where(big, ml, ml & ((words.u32(1) << s) - 1))
     rem_hi = jnp.where(big, mh & ((words.u32(1) << (s - 32)) - 1), words.u32(0))
@@ -146,7 +146,7 @@ class FixedPointFormat:
     t = t + (above | (tie & ((t & 1) == 1))).astype(U32)
     # value = t * 2**(shift - R): build the power of two from its bits (exact).
     scale = lax.bitcast_convert_type(
-        ((shift - self.radix_bits + 127) << 23).astype(I32), jnp.float32
+      ((shift - self.radix_bits + 127) << 23).astype(I32), jnp.float32
     )
     mag = t.astype(jnp.float32) * scale
     return jnp.where(neg, -mag, mag).astype(dtype)

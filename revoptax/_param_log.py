@@ -34,10 +34,10 @@ class ParamLog(NamedTuple):
 
 def init(dtype, capacity: int) -> ParamLog:
   return ParamLog(
-      index=jnp.zeros((capacity,), jnp.int32),
-      value=jnp.zeros((capacity,), dtype),
-      step=jnp.full((capacity,), -1, jnp.int32),
-      size=jnp.zeros((), jnp.int32),
+    index=jnp.zeros((capacity,), jnp.int32),
+    value=jnp.zeros((capacity,), dtype),
+    step=jnp.full((capacity,), -1, jnp.int32),
+    size=jnp.zeros((), jnp.int32),
   )
 
 
@@ -62,10 +62,10 @@ def record(log: ParamLog, used, exact, step):
     pos = jnp.where(differs, pos, capacity)  # out of bounds: dropped
     idx = jnp.arange(used.shape[0], dtype=jnp.int32)
     return ParamLog(
-        index=log.index.at[pos].set(idx, mode="drop"),
-        value=log.value.at[pos].set(used, mode="drop"),
-        step=log.step.at[pos].set(step, mode="drop"),
-        size=jnp.minimum(log.size + count, capacity),
+      index=log.index.at[pos].set(idx, mode="drop"),
+      value=log.value.at[pos].set(used, mode="drop"),
+      step=log.step.at[pos].set(step, mode="drop"),
+      size=jnp.minimum(log.size + count, capacity),
     )
 
   new_log = lax.cond(count > 0, append, lambda log: log, log)
@@ -88,10 +88,10 @@ def restore(log: ParamLog, exact, step):
     idx = jnp.where(hit, log.index, flat.shape[0])
     flat = flat.at[idx].set(log.value, mode="drop")
     log = ParamLog(
-        index=jnp.where(hit, 0, log.index),
-        value=jnp.where(hit, jnp.zeros_like(log.value), log.value),
-        step=jnp.where(hit, -1, log.step),
-        size=log.size - n,
+      index=jnp.where(hit, 0, log.index),
+      value=jnp.where(hit, jnp.zeros_like(log.value), log.value),
+      step=jnp.where(hit, -1, log.step),
+      size=log.size - n,
     )
     return flat, log
 

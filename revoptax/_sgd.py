@@ -33,8 +33,7 @@ import numpy as np
 import optax
 
 from revoptax import _buffer as buffer_lib
-from revoptax import _errors
-from revoptax import _param_log
+from revoptax import _errors, _param_log
 from revoptax._fixed_point import Fixed, FixedPointFormat, _compute_dtype
 
 
@@ -91,14 +90,16 @@ class MomentumSGDRule:
     dw, dw_ok = self.fixed.from_float(jnp.asarray(alpha, cd) * self.fixed.to_float(v, cd))
     w = self.fixed.add(leaf.w, dw)
     in_range = (
-        jnp.all(dv_ok) & jnp.all(dw_ok) & jnp.all(self.fixed.in_range(v))
-        & jnp.all(self.fixed.in_range(w))
+      jnp.all(dv_ok)
+      & jnp.all(dw_ok)
+      & jnp.all(self.fixed.in_range(v))
+      & jnp.all(self.fixed.in_range(w))
     )
     flags = {
-        "momentum": ~jnp.all(jnp.isfinite(jnp.asarray(gamma))),
-        "nonfinite": ~jnp.all(jnp.isfinite(g)),
-        "range": ~in_range,
-        "buffer": ~buffer_ok,
+      "momentum": ~jnp.all(jnp.isfinite(jnp.asarray(gamma))),
+      "nonfinite": ~jnp.all(jnp.isfinite(g)),
+      "range": ~in_range,
+      "buffer": ~buffer_ok,
     }
     return ExactLeaf(w, v, buf), flags
 
@@ -138,8 +139,8 @@ def _spec_leaves(spec, params):
     per_leaf = jax.tree.map(lambda s, p: _Box(s), spec, params)
   except ValueError as e:
     raise ValueError(
-        "reversible_sgd: a pytree learning_rate/momentum must have the structure of the "
-        f"params (or a prefix of it): {e}"
+      "reversible_sgd: a pytree learning_rate/momentum must have the structure of the "
+      f"params (or a prefix of it): {e}"
     ) from None
   return [b.value for b in jax.tree.leaves(per_leaf, is_leaf=lambda x: isinstance(x, _Box))]
 
@@ -241,15 +242,15 @@ def _leaf_names(params):
 
 
 def reversible_sgd(
-    learning_rate,
-    momentum,
-    *,
-    max_steps: int,
-    radix_bits: int = 46,
-    int_bits: int = 16,
-    momentum_bits: int = 16,
-    momentum_floor: float | None = None,
-    param_log_capacity: int | None = None,
+  learning_rate,
+  momentum,
+  *,
+  max_steps: int,
+  radix_bits: int = 46,
+  int_bits: int = 16,
+  momentum_bits: int = 16,
+  momentum_floor: float | None = None,
+  param_log_capacity: int | None = None,
 ) -> ReversibleTransformation:
   r"""Exactly reversible momentum SGD (Maclaurin et al., 2015).
 
@@ -327,14 +328,14 @@ def reversible_sgd(
       oks.append(ok)
     _errors.raise_on_failure({"range": ~jnp.stack(oks)}, names, api, step=0)
     logs = [
-        _param_log.init(
-            jnp.asarray(p).dtype,
-            param_log_capacity or 256 + math.ceil(np.size(p) * max_steps / 1000),
-        )
-        for p in leaves
+      _param_log.init(
+        jnp.asarray(p).dtype,
+        param_log_capacity or 256 + math.ceil(np.size(p) * max_steps / 1000),
+      )
+      for p in leaves
     ]
     return ReversibleSGDState(
-        jnp.zeros((), jnp.int32), treedef.unflatten(exact), treedef.unflatten(logs)
+      jnp.zeros((), jnp.int32), treedef.unflatten(exact), treedef.unflatten(logs)
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -366,12 +367,10 @@ def reversible_sgd(
       codes["param_log"] = ~jnp.stack(log_ok)
     _errors.raise_on_failure(codes, names, api, step=t)
     new_updates = [
-        rule.params(leaf, g.dtype) - jnp.asarray(u).astype(g.dtype)
-        for leaf, g, u in zip(new_exact, grads, used)
+      rule.params(leaf, g.dtype) - jnp.asarray(u).astype(g.dtype)
+      for leaf, g, u in zip(new_exact, grads, used)
     ]
-    new_state = ReversibleSGDState(
-        t + 1, treedef.unflatten(new_exact), treedef.unflatten(logs)
-    )
+    new_state = ReversibleSGDState(t + 1, treedef.unflatten(new_exact), treedef.unflatten(logs))
     return treedef.unflatten(new_updates), new_state
 
   def inverse_fn(state, grad_fn):
@@ -383,8 +382,8 @@ def reversible_sgd(
     logs = _log_leaves(state.param_log)
     dtypes = [log.value.dtype for log in logs]
     exact = [
-        rule.unstep_position_leaf(leaf, _value_at(a, t), d)
-        for leaf, a, d in zip(_exact_leaves(state.exact), alphas, dtypes)
+      rule.unstep_position_leaf(leaf, _value_at(a, t), d)
+      for leaf, a, d in zip(_exact_leaves(state.exact), alphas, dtypes)
     ]
     params = []
     for i, (leaf, d) in enumerate(zip(exact, dtypes)):
@@ -393,8 +392,8 @@ def reversible_sgd(
     params = treedef.unflatten(params)
     grads = jax.tree.leaves(grad_fn(params))
     exact = [
-        rule.unstep_velocity_leaf(leaf, g, _value_at(m, t), t)
-        for leaf, g, m in zip(exact, grads, gammas)
+      rule.unstep_velocity_leaf(leaf, g, _value_at(m, t), t)
+      for leaf, g, m in zip(exact, grads, gammas)
     ]
     previous = ReversibleSGDState(t, treedef.unflatten(exact), treedef.unflatten(logs))
     return previous, params
@@ -419,7 +418,7 @@ def _check_dtypes(leaves, names, api):
     dtype = np.dtype(jnp.asarray(leaf).dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-          f"{api}: parameter {name} has dtype {dtype}; reversible training needs float "
-          "parameters (float16, bfloat16, float32 or float64). Keep integer state out of "
-          "the params passed to the optimizer (e.g. nnx.Optimizer(..., wrt=nnx.Param))."
+        f"{api}: parameter {name} has dtype {dtype}; reversible training needs float "
+        "parameters (float16, bfloat16, float32 or float64). Keep integer state out of "
+        "the params passed to the optimizer (e.g. nnx.Optimizer(..., wrt=nnx.Param))."
       )

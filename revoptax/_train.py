@@ -33,12 +33,12 @@ from jax import lax
 from revoptax import _buffer as buffer_lib
 from revoptax import _errors
 from revoptax._fixed_point import FixedPointFormat, _compute_dtype
-from revoptax._sgd import buffer_rows as _rows_for
 from revoptax._sgd import (
-    MomentumSGDRule,
-    validate_learning_rate,
-    validate_momentum,
+  MomentumSGDRule,
+  validate_learning_rate,
+  validate_momentum,
 )
+from revoptax._sgd import buffer_rows as _rows_for
 
 API = "revoptax.train"
 
@@ -71,24 +71,24 @@ class _Config:
 
 
 def train(
-    loss_fn: Callable,
-    params,
-    hparams,
-    batches,
-    *,
-    num_steps: int,
-    learning_rate: Callable,
-    momentum: Callable,
-    key=None,
-    radix_bits: int = 46,
-    int_bits: int = 16,
-    momentum_bits: int = 16,
-    momentum_floor: float | None = None,
-    buffer_rows: int | None = None,
-    return_velocity: bool = False,
-    check_drift: bool = True,
-    on_drift: str = "raise",
-    unroll: int = 1,
+  loss_fn: Callable,
+  params,
+  hparams,
+  batches,
+  *,
+  num_steps: int,
+  learning_rate: Callable,
+  momentum: Callable,
+  key=None,
+  radix_bits: int = 46,
+  int_bits: int = 16,
+  momentum_bits: int = 16,
+  momentum_floor: float | None = None,
+  buffer_rows: int | None = None,
+  return_velocity: bool = False,
+  check_drift: bool = True,
+  on_drift: str = "raise",
+  unroll: int = 1,
 ):
   r"""Train with exactly reversible momentum SGD; differentiable by reversal.
 
@@ -162,21 +162,19 @@ def train(
     raise ValueError(f"{API}: on_drift must be 'raise' or 'nan', got {on_drift!r}.")
   if not callable(learning_rate) or not callable(momentum):
     raise TypeError(
-        f"{API}: learning_rate and momentum must be callables (hparams, t) -> value; "
-        "for a constant use e.g. learning_rate=lambda hp, t: 0.1."
+      f"{API}: learning_rate and momentum must be callables (hparams, t) -> value; "
+      "for a constant use e.g. learning_rate=lambda hp, t: 0.1."
     )
   rule = MomentumSGDRule(FixedPointFormat(radix_bits, int_bits), momentum_bits)
   leaves, treedef = jax.tree.flatten(params)
   if not leaves:
     raise ValueError(f"{API}: params has no leaves.")
-  names = tuple(
-      jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-  )
+  names = tuple(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
   for leaf, name in zip(leaves, names):
     if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
       raise TypeError(
-          f"{API}: parameter {name} has dtype {jnp.asarray(leaf).dtype}; params must be "
-          "float arrays (integers and other state belong in hparams or batches)."
+        f"{API}: parameter {name} has dtype {jnp.asarray(leaf).dtype}; params must be "
+        "float arrays (integers and other state belong in hparams or batches)."
       )
   num_batches = _leading_axis(batches)
 
@@ -198,21 +196,21 @@ def train(
   h_float, h_other, h_split = _split(hparams)
   b_float, b_other, b_split = _split(batches)
   config = _Config(
-      loss_fn=loss_fn,
-      rule=rule,
-      num_steps=num_steps,
-      num_batches=num_batches,
-      rows=rows,
-      params_treedef=treedef,
-      leaf_names=names,
-      dtypes=tuple(jnp.asarray(x).dtype for x in leaves),
-      hparams_int=h_split,
-      batches_int=b_split,
-      with_key=key is not None,
-      return_velocity=return_velocity,
-      check_drift=check_drift,
-      on_drift=on_drift,
-      unroll=unroll,
+    loss_fn=loss_fn,
+    rule=rule,
+    num_steps=num_steps,
+    num_batches=num_batches,
+    rows=rows,
+    params_treedef=treedef,
+    leaf_names=names,
+    dtypes=tuple(jnp.asarray(x).dtype for x in leaves),
+    hparams_int=h_split,
+    batches_int=b_split,
+    with_key=key is not None,
+    return_velocity=return_velocity,
+    check_drift=check_drift,
+    on_drift=on_drift,
+    unroll=unroll,
   )
   w_T, v_T = _run(config, leaves, alphas, gammas, h_float, b_float, h_other, b_other, key)
   w_T = jax.tree.unflatten(treedef, w_T)
@@ -234,12 +232,12 @@ def _leading_axis(batches) -> int:
     raise ValueError(f"{API}: every batches leaf needs a leading batch-index axis.")
   if len(sizes) != 1:
     paths = [
-        f"{jax.tree_util.keystr(p)}: {np.shape(x)[0]}"
-        for p, x in jax.tree_util.tree_flatten_with_path(batches)[0]
+      f"{jax.tree_util.keystr(p)}: {np.shape(x)[0]}"
+      for p, x in jax.tree_util.tree_flatten_with_path(batches)[0]
     ]
     raise ValueError(
-        f"{API}: batches leaves must share the leading axis (step t uses slice t % B); "
-        f"got {', '.join(paths)}."
+      f"{API}: batches leaves must share the leading axis (step t uses slice t % B); "
+      f"got {', '.join(paths)}."
     )
   return sizes.pop()
 
@@ -256,7 +254,7 @@ def _schedule(fn, hparams, ts, params, what):
       boxed = jax.tree.map(lambda v, p: [v], values, params)
     except ValueError as e:
       raise ValueError(
-          f"{API}: {what}(hparams, t) must return a scalar or a pytree matching params; {e}"
+        f"{API}: {what}(hparams, t) must return a scalar or a pytree matching params; {e}"
       ) from None
     per_leaf = [b[0] for b in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, list))]
   out = []
@@ -268,13 +266,13 @@ def _schedule(fn, hparams, ts, params, what):
       np.broadcast_shapes(v.shape[1:], np.shape(p))
     except ValueError:
       raise ValueError(
-          f"{API}: {what}(hparams, t) for leaf {name} has shape {v.shape[1:]}, which does not "
-          f"broadcast to the leaf's shape {np.shape(p)}."
+        f"{API}: {what}(hparams, t) for leaf {name} has shape {v.shape[1:]}, which does not "
+        f"broadcast to the leaf's shape {np.shape(p)}."
       ) from None
     if v.ndim - 1 > np.ndim(p):
       raise ValueError(
-          f"{API}: {what}(hparams, t) for leaf {name} has shape {v.shape[1:]}, more dims than "
-          f"the leaf {np.shape(p)}."
+        f"{API}: {what}(hparams, t) for leaf {name} has shape {v.shape[1:]}, more dims than "
+        f"the leaf {np.shape(p)}."
       )
     out.append(v)
   return out
@@ -283,9 +281,7 @@ def _schedule(fn, hparams, ts, params, what):
 def _split(tree):
   """Split a pytree into float leaves (differentiable) and the others."""
   leaves, treedef = jax.tree.flatten(tree)
-  is_float = tuple(
-      bool(jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)) for x in leaves
-  )
+  is_float = tuple(bool(jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)) for x in leaves)
   floats = [x for x, f in zip(leaves, is_float) if f]
   others = [x for x, f in zip(leaves, is_float) if not f]
   return floats, others, (treedef, is_float)
@@ -306,11 +302,11 @@ def _check_no_closure(loss_fn, params, hparams, batches, key):
     return  # let the real call report problems with loss_fn itself
   if any(isinstance(c, jax.core.Tracer) for c in consts):
     raise ValueError(
-        f"{API}: loss_fn closes over a traced value (for example a hyperparameter being "
-        "differentiated, or an array under jit/vmap). Gradients cannot flow through "
-        "closed-over values of a reversed training run: pass such values through the "
-        "`hparams` argument instead, e.g. loss_fn(params, hparams, batch) using "
-        "hparams['weight_decay']."
+      f"{API}: loss_fn closes over a traced value (for example a hyperparameter being "
+      "differentiated, or an array under jit/vmap). Gradients cannot flow through "
+      "closed-over values of a reversed training run: pass such values through the "
+      "`hparams` argument instead, e.g. loss_fn(params, hparams, batch) using "
+      "hparams['weight_decay']."
     )
 
 
@@ -361,8 +357,7 @@ def _forward(config: _Config, params, alphas, gammas, h_float, b_float, h_other,
     oks.append(ok)
   num_leaves = len(params)
   first_fail = {
-      k: jnp.full((num_leaves,), -1, jnp.int32)
-      for k in ("momentum", "nonfinite", "range", "buffer")
+    k: jnp.full((num_leaves,), -1, jnp.int32) for k in ("momentum", "nonfinite", "range", "buffer")
   }
   first_fail["range"] = jnp.where(jnp.stack(oks), -1, 0).astype(jnp.int32)
 
@@ -380,14 +375,14 @@ def _forward(config: _Config, params, alphas, gammas, h_float, b_float, h_other,
       for k, v in f.items():
         flags.setdefault(k, []).append(v)
     fails = {
-        k: jnp.where((fails[k] < 0) & jnp.stack(flags[k]), t, fails[k]).astype(jnp.int32)
-        for k in fails
+      k: jnp.where((fails[k] < 0) & jnp.stack(flags[k]), t, fails[k]).astype(jnp.int32)
+      for k in fails
     }
     prints = jnp.stack([fingerprint(g_i) for g_i in g]) if config.check_drift else None
     return (new_exact, fails), prints
 
   (exact, fails), prints = lax.scan(
-      body, (exact, first_fail), jnp.arange(config.num_steps), unroll=config.unroll
+    body, (exact, first_fail), jnp.arange(config.num_steps), unroll=config.unroll
   )
   _errors.raise_on_failure(fails, config.leaf_names, API)
   return exact, prints
@@ -436,7 +431,7 @@ def _run_bwd(config, residuals, cotangents):
     alpha_t = [a[t] for a in alphas]
     gamma_t = [m[t] for m in gammas]
     exact = [
-        rule.unstep_position_leaf(leaf, a, d) for leaf, a, d in zip(exact, alpha_t, config.dtypes)
+      rule.unstep_position_leaf(leaf, a, d) for leaf, a, d in zip(exact, alpha_t, config.dtypes)
     ]
     p_t = [rule.params(leaf, d) for leaf, d in zip(exact, config.dtypes)]
     key_t = _step_key(config, key, t)
@@ -461,14 +456,14 @@ def _run_bwd(config, residuals, cotangents):
     d_w = [x + y.astype(x.dtype) for x, y in zip(new_d_w, dp_hvp)]
     d_h = [x + y for x, y in zip(d_h, dh_hvp)]
     d_b = [
-        lax.dynamic_update_index_in_dim(x, lax.dynamic_index_in_dim(x, b_t, 0, False) + y, b_t, 0)
-        for x, y in zip(d_b, db_hvp)
+      lax.dynamic_update_index_in_dim(x, lax.dynamic_index_in_dim(x, b_t, 0, False) + y, b_t, 0)
+      for x, y in zip(d_b, db_hvp)
     ]
     return (exact, d_w, new_d_v, d_h, d_b, drift), (d_alpha, d_gamma)
 
   ts = jnp.arange(config.num_steps - 1, -1, -1)
   (exact, d_w, d_v, d_h, d_b, drift), (d_alphas, d_gammas) = lax.scan(
-      body, (exact, d_w, d_v, d_h, d_b, drift0), ts, unroll=config.unroll
+    body, (exact, d_w, d_v, d_h, d_b, drift0), ts, unroll=config.unroll
   )
   d_alphas = [x[::-1] for x in d_alphas]
   d_gammas = [x[::-1] for x in d_gammas]
@@ -481,11 +476,13 @@ def _run_bwd(config, residuals, cotangents):
       w0, _ = rule.fixed.from_float(p)
       fresh = buffer_lib.init(leaf.w.lo.shape, leaf.buffer.stack.shape[0])
       same = (
-          jnp.all(leaf.w.hi == w0.hi) & jnp.all(leaf.w.lo == w0.lo)
-          & jnp.all(leaf.v.hi == 0) & jnp.all(leaf.v.lo == 0)
-          & jnp.all(leaf.buffer.head_hi == fresh.head_hi)
-          & jnp.all(leaf.buffer.head_lo == fresh.head_lo)
-          & (leaf.buffer.size == 0)
+        jnp.all(leaf.w.hi == w0.hi)
+        & jnp.all(leaf.w.lo == w0.lo)
+        & jnp.all(leaf.v.hi == 0)
+        & jnp.all(leaf.v.lo == 0)
+        & jnp.all(leaf.buffer.head_hi == fresh.head_hi)
+        & jnp.all(leaf.buffer.head_lo == fresh.head_lo)
+        & (leaf.buffer.size == 0)
       )
       initial.append(~same)
     codes["initial"] = jnp.stack(initial)
@@ -496,9 +493,10 @@ def _run_bwd(config, residuals, cotangents):
       _errors.raise_on_failure(codes, config.leaf_names, API)
     else:
       _errors.raise_on_failure(
-          codes, config.leaf_names, API,
-          on_failure=lambda msg: warnings.warn(msg + " Returning NaN hypergradients.",
-                                               stacklevel=2),
+        codes,
+        config.leaf_names,
+        API,
+        on_failure=lambda msg: warnings.warn(msg + " Returning NaN hypergradients.", stacklevel=2),
       )
 
   def poison(x):
@@ -508,14 +506,14 @@ def _run_bwd(config, residuals, cotangents):
 
   d_params = [poison(x.astype(d)) for x, d in zip(d_w, config.dtypes)]
   out = (
-      d_params,
-      [poison(x) for x in d_alphas],
-      [poison(x) for x in d_gammas],
-      [poison(x) for x in d_h],
-      [poison(x) for x in d_b],
-      [None for _ in h_other],
-      [None for _ in b_other],
-      None,
+    d_params,
+    [poison(x) for x in d_alphas],
+    [poison(x) for x in d_gammas],
+    [poison(x) for x in d_h],
+    [poison(x) for x in d_b],
+    [None for _ in h_other],
+    [None for _ in b_other],
+    None,
   )
   return out
 
