@@ -105,15 +105,22 @@ class FixedPointFormat:
     x = x.astype(dtype)
     ok = jnp.isfinite(x) & (jnp.abs(x) < self.max_abs)
     x = jnp.where(ok, x, jnp.zeros_like(x))
-    # Multiplying by a power of two is exact; so is rounding a float to an
-    # integer, and so are the splits below (each result is representable).
+    # Multiplying by a power of two is exact, and so is rounding a float to an
+    # integer.  Split the magnitude (the pieces are bit fields of it, so each is
+    # representable), then negate in two's complement.
     r = jnp.round(x * jnp.asarray(2.0**self.radix_bits, dtype))
-    hi_f = jnp.floor(r * jnp.asarray(2.0**-32, dtype))
-    lo_f = r - hi_f * jnp.asarray(2.0**32, dtype)
+    mag = jnp.abs(r)
+    hi_f = jnp.floor(mag * jnp.asarray(2.0**-32, dtype))
+    lo_f = mag - hi_f * jnp.asarray(2.0**32, dtype)
     lo_top = jnp.floor(lo_f * jnp.asarray(2.0**-16, dtype))
     lo_bot = lo_f - lo_top * jnp.asarray(2.0**16, dtype)
+    hi = hi_f.astype(U32)
     lo = (lo_top.astype(U32) << 16) | lo_bot.astype(U32)
-    return Fixed(hi_f.astype(I32), lo), ok
+    neg_hi, neg_lo = words.add_u64(~hi, ~lo, words.u32(0), words.u32(1))
+    neg = r < 0
+    hi = lax.bitcast_convert_type(jnp.where(neg, neg_hi, hi), I32)
+    lo = jnp.where(neg, neg_lo, lo)
+    return Fixed(hi, lo), ok
 
   def to_float(self, x: Fixed, dtype=jnp.float32) -> jax.Array:
     """Correctly rounded (half to even) float value of fixed-point words."""

@@ -136,7 +136,7 @@ def _spec_leaves(spec, params):
   if callable(spec) or _is_scalar_like(spec):
     return [spec] * len(jax.tree.leaves(params))
   try:
-    per_leaf = jax.tree.map(lambda s, p: _Box(s), spec, params)
+    per_leaf = jax.tree.map(lambda s, p: jax.tree.map(lambda _: _Box(s), p), spec, params)
   except ValueError as e:
     raise ValueError(
       "reversible_sgd: a pytree learning_rate/momentum must have the structure of the "

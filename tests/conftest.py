@@ -1,0 +1,65 @@
+"""Shared fixtures: the digits data and a small MLP, in JAX's default 32-bit mode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+SIZES = (64, 50, 50, 10)
+
+
+def digits_data(num_train=1000, batch_size=100):
+  """Digits as (train batches [B, batch, 64], labels [B, batch], val x, val y)."""
+  x, y = load_digits(return_X_y=True)
+  x = (x / 16.0).astype(np.float32)
+  y = y.astype(np.int32)
+  xb = x[:num_train].reshape(-1, batch_size, 64)
+  yb = y[:num_train].reshape(-1, batch_size)
+  return jnp.asarray(xb), jnp.asarray(yb), jnp.asarray(x[num_train:]), jnp.asarray(y[num_train:])
+
+
+def init_mlp(key, sizes=SIZES, scales=None, dtype=jnp.float32):
+  """MLP params as a dict of layers; ``scales`` multiplies each layer's init."""
+  params = {}
+  keys = jax.random.split(key, len(sizes) - 1)
+  for i, (k, n_in, n_out) in enumerate(zip(keys, sizes[:-1], sizes[1:])):
+    scale = 1.0 if scales is None else scales[i]
+    params[f"layer{i}"] = {
+      "w": (scale * jax.random.normal(k, (n_in, n_out)) / np.sqrt(n_in)).astype(dtype),
+      "b": jnp.zeros((n_out,), dtype),
+    }
+  return params
+
+
+def mlp_logits(params, x):
+  h = x
+  n = len(params)
+  for i in range(n):
+    layer = params[f"layer{i}"]
+    h = h @ layer["w"] + layer["b"]
+    if i < n - 1:
+      h = jnp.tanh(h)
+  return h
+
+
+def cross_entropy(params, x, y):
+  logp = jax.nn.log_softmax(mlp_logits(params, x))
+  return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+
+@pytest.fixture(scope="session")
+def digits():
+  return digits_data()
+
+
+def words_equal(a, b) -> bool:
+  """True when two pytrees have identical structure, dtypes and bits."""
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  if ta != tb:
+    return False
+  return all(
+    np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(la, lb)
+  )
