@@ -208,17 +208,75 @@ def buffer_rows(rule: MomentumSGDRule, momentum_values, num_steps, momentum_floo
 
 
 class ReversibleSGDState(NamedTuple):
-  """State of :func:`reversible_sgd` (a NamedTuple of arrays only).
+  """State of :func:`reversible_sgd`: each field but ``step`` is a params-shaped tree.
+
+  Like Optax's own states, every field is a tree of arrays with the structure
+  of the params, so containers that rebuild nested state (``nnx.Optimizer``)
+  keep it intact.
 
   Attributes:
     step: ``int32[]`` number of updates applied.
-    exact: per-leaf :class:`ExactLeaf` (fixed-point ``w``, ``v`` and buffer).
-    param_log: per-leaf :class:`ParamLog` of params that differed from ``F(w)``.
+    w_hi, w_lo, v_hi, v_lo: fixed-point words of the weights and velocity.
+    head_hi, head_lo, stack, row_step, buffer_size: the information buffer
+      (:class:`revoptax._buffer.BufferState` of each leaf).
+    log_index, log_value, log_step, log_size: the log of params that differed
+      from the exact weights (:class:`revoptax._param_log.ParamLog`).
   """
 
   step: jax.Array
-  exact: Any
-  param_log: Any
+  w_hi: Any
+  w_lo: Any
+  v_hi: Any
+  v_lo: Any
+  head_hi: Any
+  head_lo: Any
+  stack: Any
+  row_step: Any
+  buffer_size: Any
+  log_index: Any
+  log_value: Any
+  log_step: Any
+  log_size: Any
+
+
+def _pack(step, treedef, exact, logs) -> ReversibleSGDState:
+  def tree(values):
+    return treedef.unflatten(list(values))
+
+  return ReversibleSGDState(
+    step=step,
+    w_hi=tree(e.w.hi for e in exact),
+    w_lo=tree(e.w.lo for e in exact),
+    v_hi=tree(e.v.hi for e in exact),
+    v_lo=tree(e.v.lo for e in exact),
+    head_hi=tree(e.buffer.head_hi for e in exact),
+    head_lo=tree(e.buffer.head_lo for e in exact),
+    stack=tree(e.buffer.stack for e in exact),
+    row_step=tree(e.buffer.row_step for e in exact),
+    buffer_size=tree(e.buffer.size for e in exact),
+    log_index=tree(g.index for g in logs),
+    log_value=tree(g.value for g in logs),
+    log_step=tree(g.step for g in logs),
+    log_size=tree(g.size for g in logs),
+  )
+
+
+def _unpack(state: ReversibleSGDState):
+  """``(treedef, exact leaves, log leaves)`` of a state."""
+  f = {name: jax.tree.leaves(getattr(state, name)) for name in state._fields[1:]}
+  exact = [
+    ExactLeaf(Fixed(*a), Fixed(*b), buffer_lib.BufferState(*c))
+    for a, b, c in zip(
+      zip(f["w_hi"], f["w_lo"]),
+      zip(f["v_hi"], f["v_lo"]),
+      zip(f["head_hi"], f["head_lo"], f["stack"], f["row_step"], f["buffer_size"]),
+    )
+  ]
+  logs = [
+    _param_log.ParamLog(*x)
+    for x in zip(f["log_index"], f["log_value"], f["log_step"], f["log_size"])
+  ]
+  return jax.tree.structure(state.w_hi), exact, logs
 
 
 class ReversibleTransformation(optax.GradientTransformationExtraArgs):
@@ -334,9 +392,7 @@ def reversible_sgd(
       )
       for p in leaves
     ]
-    return ReversibleSGDState(
-      jnp.zeros((), jnp.int32), treedef.unflatten(exact), treedef.unflatten(logs)
-    )
+    return _pack(jnp.zeros((), jnp.int32), treedef, exact, logs)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -345,8 +401,7 @@ def reversible_sgd(
     t = state.step
     alphas = _spec_leaves(learning_rate, updates)
     gammas = _spec_leaves(momentum, updates)
-    exact = _exact_leaves(state.exact)
-    logs = _log_leaves(state.param_log)
+    _, exact, logs = _unpack(state)
     before = [rule.params(leaf, g.dtype) for leaf, g in zip(exact, grads)]
     log_ok = []
     if params is not None:
@@ -370,20 +425,19 @@ def reversible_sgd(
       rule.params(leaf, g.dtype) - jnp.asarray(u).astype(g.dtype)
       for leaf, g, u in zip(new_exact, grads, used)
     ]
-    new_state = ReversibleSGDState(t + 1, treedef.unflatten(new_exact), treedef.unflatten(logs))
+    new_state = _pack(t + 1, treedef, new_exact, logs)
     return treedef.unflatten(new_updates), new_state
 
   def inverse_fn(state, grad_fn):
     t = state.step - 1
-    treedef = jax.tree.structure(state.exact, is_leaf=_is_exact)
+    treedef, exact, logs = _unpack(state)
     template = treedef.unflatten([0] * treedef.num_leaves)
     alphas = _spec_leaves(learning_rate, template)
     gammas = _spec_leaves(momentum, template)
-    logs = _log_leaves(state.param_log)
     dtypes = [log.value.dtype for log in logs]
     exact = [
       rule.unstep_position_leaf(leaf, _value_at(a, t), d)
-      for leaf, a, d in zip(_exact_leaves(state.exact), alphas, dtypes)
+      for leaf, a, d in zip(exact, alphas, dtypes)
     ]
     params = []
     for i, (leaf, d) in enumerate(zip(exact, dtypes)):
@@ -395,22 +449,10 @@ def reversible_sgd(
       rule.unstep_velocity_leaf(leaf, g, _value_at(m, t), t)
       for leaf, g, m in zip(exact, grads, gammas)
     ]
-    previous = ReversibleSGDState(t, treedef.unflatten(exact), treedef.unflatten(logs))
+    previous = _pack(t, treedef, exact, logs)
     return previous, params
 
   return ReversibleTransformation(init_fn, update_fn, inverse_fn)
-
-
-def _is_exact(x):
-  return isinstance(x, ExactLeaf)
-
-
-def _exact_leaves(tree):
-  return jax.tree.leaves(tree, is_leaf=_is_exact)
-
-
-def _log_leaves(tree):
-  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, _param_log.ParamLog))
 
 
 def _check_dtypes(leaves, names, api):

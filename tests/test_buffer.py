@@ -53,7 +53,7 @@ def test_round_trip_is_bit_exact_and_cost_is_log2_inverse_gamma(gamma):
   ideal = float(buffer_lib.bits_per_step(n, K))
   rows = buffer_lib.capacity_for(num_steps * ideal, num_steps)
   buf0 = buffer_lib.init(v0.lo.shape, rows)
-  (v_end, buf_end), (v_back, buf_back), ok = run(v0, buf0, lambda t: n, num_steps)
+  (v_end, buf_end), (v_back, buf_back), ok = run(v0, buf0, lambda t, n=n: n, num_steps)
   assert ok
   assert words_equal(v_back, v0)
   assert words_equal(buf_back, buf0)  # stack, heads, row steps and size all as at the start
@@ -104,5 +104,5 @@ def test_capacity_rule_covers_measured_use():
     n = buffer_lib.quantize_momentum(gamma, K)
     rows = buffer_lib.capacity_for(num_steps * float(buffer_lib.bits_per_step(n, K)), num_steps)
     v0 = velocity(3)
-    (_, buf_end), _, ok = run(v0, buffer_lib.init(v0.lo.shape, rows), lambda t: n, num_steps)
+    (_, buf_end), _, ok = run(v0, buffer_lib.init(v0.lo.shape, rows), lambda t, n=n: n, num_steps)
     assert ok and int(buf_end.size) <= rows
