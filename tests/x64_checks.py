@@ -1,0 +1,89 @@
+"""Float64 checks, run by test_train_x64.py in a subprocess with JAX_ENABLE_X64=1.
+
+Kept out of the main process so the rest of the suite runs in JAX's default
+32-bit mode.  Not collected on its own (the file name does not start with test_).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import oracle
+import pytest
+
+from revoptax import Fixed, FixedPointFormat
+from revoptax import _buffer as buffer_lib
+
+pytestmark = pytest.mark.skipif(not jax.config.jax_enable_x64, reason="needs JAX_ENABLE_X64=1")
+
+# The float64 configuration: more fractional bits (range |x| < 256), so the
+# fixed-point rounding is far below float64 training's own.
+X64 = dict(radix_bits=54, int_bits=8)
+
+
+@pytest.fixture(scope="module")
+def problem():
+  return oracle.meta_problem(jnp.float64)
+
+
+def test_hypergradients_match_scan_oracle_in_float64(problem):
+  val_loss, hp = problem
+  got = jax.jit(jax.grad(lambda h: val_loss(h, oracle.revoptax_train_fn(**X64))))(hp)
+  want = jax.jit(jax.grad(lambda h: val_loss(h, oracle.scan_train_fn())))(hp)
+  errors = oracle.max_relative_errors(got, want)
+  assert max(errors.values()) <= 1e-8, errors
+
+
+def test_hypergradients_match_central_finite_differences(problem):
+  val_loss, hp = problem
+  f = jax.jit(lambda h: val_loss(h, oracle.revoptax_train_fn(**X64)))
+  grads = jax.jit(jax.grad(lambda h: val_loss(h, oracle.revoptax_train_fn(**X64))))(hp)
+  probes = [
+    ("log_init_scale", (0,), 1e-3),
+    ("log_init_scale", (1,), 1e-3),
+    ("log_lr", (10, 0), 1e-3),
+    # The largest per-example-weight gradient (the small ones are below the
+    # fixed-point noise of the loss divided by h).
+    (
+      "example_logit",
+      tuple(np.unravel_index(np.argmax(np.abs(grads["example_logit"])), (120,))),
+      1e-3,
+    ),
+    # The momentum is quantized in steps of 2**-16; with the straight-through
+    # gradient, differences only agree at a scale well above that step.
+    ("logit_mom", (30, 1), 2e-2),
+  ]
+  for name, index, h in probes:
+
+    def at(delta, name=name, index=index):
+      return f({**hp, name: hp[name].at[index].add(delta)})
+
+    # Five-point stencil: truncation error O(h**4); the fixed-point rounding
+    # noise of the loss (~1e-12) contributes ~1e-9.
+    fd = (-at(2 * h) + 8 * at(h) - 8 * at(-h) + at(-2 * h)) / (12 * h)
+    # Momentum: quantization steps of ~1.5e-5 in gamma bound the agreement to ~1%.
+    rtol = 1e-2 if name == "logit_mom" else 1e-5
+    np.testing.assert_allclose(grads[name][index], fd, rtol=rtol, atol=1e-9, err_msg=name)
+
+
+def test_fixed_point_words_identical_with_x64():
+  """The words computed in x64 mode equal those in 32-bit mode (saved by the parent)."""
+  import os
+
+  data = np.load(os.environ["REVOPTAX_X32_WORDS"])
+  x = jnp.asarray(data["x"], jnp.float32)
+  fmt = FixedPointFormat()
+  fixed, _ = fmt.from_float(x)
+  np.testing.assert_array_equal(np.asarray(fixed.hi), data["hi"])
+  np.testing.assert_array_equal(np.asarray(fixed.lo), data["lo"])
+  np.testing.assert_array_equal(np.asarray(fmt.to_float(fixed)), data["back"])
+  v, buf = fixed, buffer_lib.init(x.shape, 8)
+  n = buffer_lib.quantize_momentum(0.9, 16)
+  for t in range(100):
+    v, buf, _ = buffer_lib.multiply(v, buf, n, jnp.int32(t), 16)
+  np.testing.assert_array_equal(np.asarray(v.hi), data["v_hi"])
+  np.testing.assert_array_equal(np.asarray(v.lo), data["v_lo"])
+  np.testing.assert_array_equal(np.asarray(buf.head_lo), data["head_lo"])
+  # float64 conversion: exact for values with <= 53 significant bits.
+  f64 = fmt.to_float(Fixed(fixed.hi, fixed.lo), jnp.float64)
+  keep = np.abs(data["x"]) >= 2.0**-22  # 24 significant bits fit above 2**-22
+  np.testing.assert_array_equal(np.asarray(f64)[keep], data["x"][keep].astype(np.float64))
