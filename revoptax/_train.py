@@ -251,12 +251,13 @@ def _schedule(fn, hparams, ts, params, what):
     per_leaf = [jnp.asarray(values)] * len(param_leaves)
   else:
     try:
-      boxed = jax.tree.map(lambda v, p: [v], values, params)
+      # A schedule value may be a prefix of params (one value per layer).
+      boxed = jax.tree.map(lambda v, p: jax.tree.map(lambda _: _Box(v), p), values, params)
     except ValueError as e:
       raise ValueError(
         f"{API}: {what}(hparams, t) must return a scalar or a pytree matching params; {e}"
       ) from None
-    per_leaf = [b[0] for b in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, list))]
+    per_leaf = [b.value for b in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, _Box))]
   out = []
   for v, p, name in zip(per_leaf, param_leaves, names):
     v = jnp.asarray(v)
@@ -276,6 +277,13 @@ def _schedule(fn, hparams, ts, params, what):
       )
     out.append(v)
   return out
+
+
+class _Box:
+  __slots__ = ("value",)
+
+  def __init__(self, value):
+    self.value = value
 
 
 def _split(tree):
