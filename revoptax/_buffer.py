@@ -145,8 +145,8 @@ def multiply(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
     ``(v', buf', ok)``; ``ok`` is False if the stack was already full.
   """
   k = momentum_bits
+  a, rr, boundary = _symbol_table(words.u32(n), k)  # per leaf, before broadcasting
   n = jnp.broadcast_to(words.u32(n), v.lo.shape)
-  a, rr, boundary = _symbol_table(n, k)
   hi_u = lax.bitcast_convert_type(v.hi, U32)
   r = v.lo & ((1 << k) - 1)
   q_lo = (v.lo >> k) | (hi_u << (32 - k))
@@ -156,9 +156,8 @@ def multiply(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
   xh, xl = buf.head_hi, buf.head_lo
   c = ((xl & 0xFF) << k) | r
   first = c < boundary
-  s1, _ = words.divmod_small(c, a + 1)
-  s2, _ = words.divmod_small(jnp.where(first, 0, c - boundary), a)
-  s = jnp.where(first, s1, rr + s2)
+  q, _ = words.divmod_small(jnp.where(first, c, c - boundary), jnp.where(first, a + 1, a))
+  s = jnp.where(first, q, rr + q)
   f, cdf = _freq_cdf(s, a, rr, boundary)
   shifted = words.to_limbs(xh >> 8, (xl >> 8) | (xh << 24))
   x_new = words.mul_limbs_small(shifted, f, c - cdf)  # 5 limbs, < 2**72
@@ -172,13 +171,15 @@ def multiply(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
   # Low 32 bits of x_new are limbs 3 and 4.
   row = (x_new[3] << 16) | x_new[4]
 
-  def write(b):
-    idx = jnp.minimum(b.size, b.stack.shape[0] - 1)
-    stack = lax.dynamic_update_index_in_dim(b.stack, row, idx, 0)
-    row_step = lax.dynamic_update_index_in_dim(b.row_step, step.astype(I32), idx, 0)
-    return stack, row_step
-
-  stack, row_step = lax.cond(spill, write, lambda b: (b.stack, b.row_step), buf)
+  # Always write one row in place (selecting the old contents when not
+  # spilling): cheaper inside a loop than a conditional on the whole stack.
+  idx = jnp.minimum(buf.size, buf.stack.shape[0] - 1)
+  old_row = lax.dynamic_index_in_dim(buf.stack, idx, 0, keepdims=False)
+  stack = lax.dynamic_update_index_in_dim(buf.stack, jnp.where(spill, row, old_row), idx, 0)
+  old_step = lax.dynamic_index_in_dim(buf.row_step, idx, 0, keepdims=False)
+  row_step = lax.dynamic_update_index_in_dim(
+    buf.row_step, jnp.where(spill, step.astype(I32), old_step), idx, 0
+  )
   new_buf = BufferState(new_hi, new_lo, stack, row_step, buf.size + spill.astype(I32))
 
   # v' = q * n + s (two's complement, modulo 2**64).
@@ -191,12 +192,14 @@ def multiply(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
 def divide(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
   """Exact inverse of :func:`multiply` at the same ``n`` and ``step``."""
   k = momentum_bits
+  a, rr, boundary = _symbol_table(words.u32(n), k)  # per leaf, before broadcasting
   n = jnp.broadcast_to(words.u32(n), v.lo.shape)
-  a, rr, boundary = _symbol_table(n, k)
 
   top = jnp.maximum(buf.size - 1, 0)
-  spilled = (buf.size > 0) & (lax.dynamic_index_in_dim(buf.row_step, top, 0, False) == step)
-  row = jnp.where(spilled, lax.dynamic_index_in_dim(buf.stack, top, 0, False), 0)
+  top_step = lax.dynamic_index_in_dim(buf.row_step, top, 0, False)
+  spilled = (buf.size > 0) & (top_step == step)
+  stored = lax.dynamic_index_in_dim(buf.stack, top, 0, False)
+  row = jnp.where(spilled, stored, 0)
   head = words.to_limbs(buf.head_hi, buf.head_lo)
   row_limbs = [row >> 16, row & 0xFFFF]
   zero = jnp.zeros_like(row)
@@ -223,12 +226,10 @@ def divide(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
   v_hi = (q_hi << k) | (q_lo >> (32 - k))
   v_lo = (q_lo << k) | r
 
-  def clear(b):
-    stack = lax.dynamic_update_index_in_dim(b.stack, jnp.zeros_like(row), top, 0)
-    row_step = lax.dynamic_update_index_in_dim(b.row_step, jnp.int32(-1), top, 0)
-    return stack, row_step
-
-  stack, row_step = lax.cond(spilled, clear, lambda b: (b.stack, b.row_step), buf)
+  stack = lax.dynamic_update_index_in_dim(buf.stack, jnp.where(spilled, 0, stored), top, 0)
+  row_step = lax.dynamic_update_index_in_dim(
+    buf.row_step, jnp.where(spilled, -1, top_step), top, 0
+  )
   new_buf = BufferState(head_hi, head_lo, stack, row_step, buf.size - spilled.astype(I32))
   return Fixed(lax.bitcast_convert_type(v_hi, I32), v_lo), new_buf
 
