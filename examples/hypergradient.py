@@ -80,7 +80,7 @@ def scan_train(params, hp, batches, num_steps):
       a, m = learning_rate(hp, t)[name], momentum(hp, t)[name]
       m = m + jax.lax.stop_gradient(rule.applied_momentum(m) - m)
       pairs = jax.tree.map(
-        lambda w, v, g: rule.float_step(w, v, g, a, m), w[name], v[name], g[name]
+        lambda w, v, g, a=a, m=m: rule.float_step(w, v, g, a, m), w[name], v[name], g[name]
       )
       new_w[name] = jax.tree.map(lambda p: p[0], pairs, is_leaf=lambda x: isinstance(x, tuple))
       new_v[name] = jax.tree.map(lambda p: p[1], pairs, is_leaf=lambda x: isinstance(x, tuple))

@@ -227,9 +227,7 @@ def divide(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
   v_lo = (q_lo << k) | r
 
   stack = lax.dynamic_update_index_in_dim(buf.stack, jnp.where(spilled, 0, stored), top, 0)
-  row_step = lax.dynamic_update_index_in_dim(
-    buf.row_step, jnp.where(spilled, -1, top_step), top, 0
-  )
+  row_step = lax.dynamic_update_index_in_dim(buf.row_step, jnp.where(spilled, -1, top_step), top, 0)
   new_buf = BufferState(head_hi, head_lo, stack, row_step, buf.size - spilled.astype(I32))
   return Fixed(lax.bitcast_convert_type(v_hi, I32), v_lo), new_buf
 
