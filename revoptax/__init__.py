@@ -4,6 +4,7 @@ Hypergradients through whole training runs by running training backwards
 exactly (Maclaurin, Duvenaud & Adams, ICML 2015).
 """
 
+from revoptax._determinism import fingerprint, isolated
 from revoptax._errors import ReversibilityError
 from revoptax._fixed_point import Fixed, FixedPointFormat
 from revoptax._sgd import (
@@ -13,7 +14,7 @@ from revoptax._sgd import (
   ReversibleTransformation,
   reversible_sgd,
 )
-from revoptax._train import fingerprint, train
+from revoptax._train import train
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,5 @@ __all__ = [
   "reversible_sgd",
   "train",
   "fingerprint",
+  "isolated",
 ]

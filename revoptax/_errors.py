@@ -49,7 +49,8 @@ MESSAGES = {
     "give a wrong hypergradient. Causes: nondeterministic GPU kernels (set XLA_FLAGS="
     "--xla_gpu_deterministic_ops=true), vmap or sharding applied to only one pass, "
     "stateful randomness or host callbacks in loss_fn (use the key option, which replays "
-    "fold_in(key, step))."
+    "fold_in(key, step)), or the gradient compiled differently in the two passes (wrap it in "
+    "revoptax.isolated in both)."
   ),
   "initial": (
     "the reversal did not end at the initial exact state (leaf {leaf}); the hypergradient "

@@ -34,6 +34,7 @@ import optax
 
 from revoptax import _buffer as buffer_lib
 from revoptax import _errors, _param_log
+from revoptax._determinism import fingerprint
 from revoptax._fixed_point import Fixed, FixedPointFormat, _compute_dtype
 
 
@@ -221,6 +222,8 @@ class ReversibleSGDState(NamedTuple):
       (:class:`revoptax._buffer.BufferState` of each leaf).
     log_index, log_value, log_step, log_size: the log of params that differed
       from the exact weights (:class:`revoptax._param_log.ParamLog`).
+    grad_print: ``uint32[max_steps]`` per leaf: the fingerprint of each step's
+      gradient, checked by ``inverse`` (drift detection).
   """
 
   step: jax.Array
@@ -237,9 +240,10 @@ class ReversibleSGDState(NamedTuple):
   log_value: Any
   log_step: Any
   log_size: Any
+  grad_print: Any
 
 
-def _pack(step, treedef, exact, logs) -> ReversibleSGDState:
+def _pack(step, treedef, exact, logs, prints) -> ReversibleSGDState:
   def tree(values):
     return treedef.unflatten(list(values))
 
@@ -258,6 +262,7 @@ def _pack(step, treedef, exact, logs) -> ReversibleSGDState:
     log_value=tree(g.value for g in logs),
     log_step=tree(g.step for g in logs),
     log_size=tree(g.size for g in logs),
+    grad_print=tree(prints),
   )
 
 
@@ -276,7 +281,7 @@ def _unpack(state: ReversibleSGDState):
     _param_log.ParamLog(*x)
     for x in zip(f["log_index"], f["log_value"], f["log_step"], f["log_size"])
   ]
-  return jax.tree.structure(state.w_hi), exact, logs
+  return jax.tree.structure(state.w_hi), exact, logs, jax.tree.leaves(state.grad_print)
 
 
 class ReversibleTransformation(optax.GradientTransformationExtraArgs):
@@ -392,7 +397,8 @@ def reversible_sgd(
       )
       for p in leaves
     ]
-    return _pack(jnp.zeros((), jnp.int32), treedef, exact, logs)
+    prints = [jnp.zeros((max_steps,), jnp.uint32) for _ in leaves]
+    return _pack(jnp.zeros((), jnp.int32), treedef, exact, logs, prints)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -401,7 +407,10 @@ def reversible_sgd(
     t = state.step
     alphas = _spec_leaves(learning_rate, updates)
     gammas = _spec_leaves(momentum, updates)
-    _, exact, logs = _unpack(state)
+    _, exact, logs, prints = _unpack(state)
+    prints = [
+      jax.lax.dynamic_update_index_in_dim(p, fingerprint(g), t, 0) for p, g in zip(prints, grads)
+    ]
     before = [rule.params(leaf, g.dtype) for leaf, g in zip(exact, grads)]
     log_ok = []
     if params is not None:
@@ -425,12 +434,12 @@ def reversible_sgd(
       rule.params(leaf, g.dtype) - jnp.asarray(u).astype(g.dtype)
       for leaf, g, u in zip(new_exact, grads, used)
     ]
-    new_state = _pack(t + 1, treedef, new_exact, logs)
+    new_state = _pack(t + 1, treedef, new_exact, logs, prints)
     return treedef.unflatten(new_updates), new_state
 
   def inverse_fn(state, grad_fn):
     t = state.step - 1
-    treedef, exact, logs = _unpack(state)
+    treedef, exact, logs, prints = _unpack(state)
     template = treedef.unflatten([0] * treedef.num_leaves)
     alphas = _spec_leaves(learning_rate, template)
     gammas = _spec_leaves(momentum, template)
@@ -445,11 +454,21 @@ def reversible_sgd(
       params.append(p)
     params = treedef.unflatten(params)
     grads = jax.tree.leaves(grad_fn(params))
+    drift = jnp.stack(
+      [
+        fingerprint(g) != jax.lax.dynamic_index_in_dim(p, t, 0, False)
+        for g, p in zip(grads, prints)
+      ]
+    )
+    _errors.raise_on_failure(
+      {"drift": drift}, _leaf_names(treedef.unflatten(grads)), api + " inverse", step=t
+    )
+    prints = [jax.lax.dynamic_update_index_in_dim(p, jnp.uint32(0), t, 0) for p in prints]
     exact = [
       rule.unstep_velocity_leaf(leaf, g, _value_at(m, t), t)
       for leaf, g, m in zip(exact, grads, gammas)
     ]
-    previous = _pack(t, treedef, exact, logs)
+    previous = _pack(t, treedef, exact, logs, prints)
     return previous, params
 
   return ReversibleTransformation(init_fn, update_fn, inverse_fn)

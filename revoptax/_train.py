@@ -32,6 +32,7 @@ from jax import lax
 
 from revoptax import _buffer as buffer_lib
 from revoptax import _errors
+from revoptax._determinism import fingerprint, isolated
 from revoptax._fixed_point import FixedPointFormat, _compute_dtype
 from revoptax._sgd import (
   MomentumSGDRule,
@@ -328,7 +329,7 @@ def _grad_fn(config: _Config, h_other, b_other):
     batch = _merge(batch_float, batch_other, config.batches_int)
     p = jax.tree.unflatten(config.params_treedef, params)
     args = (p, hparams, batch) + ((key,) if config.with_key else ())
-    return jax.tree.leaves(jax.grad(config.loss_fn)(*args))
+    return jax.tree.leaves(isolated(jax.grad(config.loss_fn))(*args))
 
   return grad
 
@@ -339,20 +340,6 @@ def _slice(leaves, index):
 
 def _step_key(config, key, t):
   return jax.random.fold_in(key, t) if config.with_key else None
-
-
-def fingerprint(grad) -> jax.Array:
-  """A 32-bit checksum of a gradient's bits; any single changed element changes it.
-
-  ``sum_i bits_i * m_i mod 2**32`` with odd multipliers ``m_i``: a change of
-  one element by ``d != 0 (mod 2**32)`` changes the sum by ``d * m_i != 0``.
-  """
-  width = np.dtype(grad.dtype).itemsize * 8
-  bits = lax.bitcast_convert_type(grad, jnp.dtype(f"uint{min(width, 32)}"))
-  bits = bits.astype(jnp.uint32).ravel()
-  idx = jnp.arange(bits.shape[0], dtype=jnp.uint32)
-  mult = (idx * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)
-  return jnp.sum(bits * mult, dtype=jnp.uint32)
 
 
 def _forward(config: _Config, params, alphas, gammas, h_float, b_float, h_other, b_other, key):

@@ -126,3 +126,19 @@ def test_fingerprint_changes_with_any_single_element():
     flat = np.asarray(g).ravel().copy()
     flat[i] = np.nextafter(flat[i], np.float32(np.inf))
     assert int(revoptax.fingerprint(jnp.asarray(flat).reshape(g.shape))) != base
+
+
+def test_optax_inverse_detects_a_recomputed_gradient_that_differs():
+  import optax
+
+  tx = revoptax.reversible_sgd(0.1, 0.9, max_steps=5)
+  params = {"w": jnp.ones(3)}
+  state = tx.init(params)
+  grad = jax.grad(lambda p: jnp.sum(jnp.sin(p["w"])))
+  for _ in range(5):
+    updates, state = tx.update(grad(params), state, params)
+    params = optax.apply_updates(params, updates)
+  state, params = tx.inverse(state, grad)  # the same gradient: fine
+  one_ulp = lambda p: jax.tree.map(lambda g: jnp.nextafter(g, jnp.inf), grad(p))
+  with pytest.raises(revoptax.ReversibilityError, match="at step 3 the gradient of leaf"):
+    tx.inverse(state, one_ulp)
