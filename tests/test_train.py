@@ -260,3 +260,11 @@ def test_buffer_capacity_exceeded_is_reported():
   f = jax.jit(lambda h: revoptax.train(loss_fn, params, h, batches, **kw))
   with pytest.raises(Exception, match="information buffer capacity exceeded"):
     jax.block_until_ready(f(hp))
+
+
+def test_errors_are_raised_under_vmap():
+  loss_fn, params, hp, batches, kw = simple_problem()
+  bad = lambda p, h, b: loss_fn(p, h, b) * jnp.where(h["log_lr"] > -2.0, jnp.inf, 1.0)
+  f = jax.jit(jax.vmap(lambda lr: revoptax.train(bad, params, {"log_lr": lr}, batches, **kw)))
+  with pytest.raises(Exception, match="not finite at step 0"):
+    jax.block_until_ready(f(jnp.asarray([jnp.log(0.1), jnp.log(0.5)])))
