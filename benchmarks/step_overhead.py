@@ -1,0 +1,250 @@
+"""Training-step overhead of revoptax.reversible_sgd against optax.sgd.
+
+The same digits MLP (64-50-50-10, tanh) and minibatches of 100, trained with
+
+* ``revoptax.reversible_sgd(alpha, gamma)`` (exact, reversible), or
+* ``optax.sgd(alpha * (1 - gamma), momentum=gamma)`` (the same update in floats),
+
+in four loops:
+
+* ``nnx``: a ``flax.nnx`` model, ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
+  and an ``@nnx.jit`` train step, called once per step;
+* ``nnx_state``: the same model and ``@nnx.jit`` step, with the Optax state
+  passed in and out as a plain pytree instead of living in ``nnx.Optimizer``;
+* ``jit``: a pure Optax step ``jax.jit(step)(params, opt_state, batch)``, called
+  once per step (separates the nnx overhead);
+* ``scan``: ``lax.scan`` over all timed steps inside one ``jax.jit`` call (the
+  per-step compute alone, no dispatch).
+
+An optimizer that raises in a loop is recorded with its error message.
+Per-call loops report the median over ``--steps`` steps after ``--warmup``
+steps; the scan loop the median of 3 calls divided by the number of steps.
+
+Usage::
+
+  python benchmarks/step_overhead.py [--steps 500] [--warmup 50]
+
+Writes ``benchmarks/results/step_overhead.json`` and regenerates
+``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import common
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax import lax
+
+import revoptax
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results" / "step_overhead.json"
+GAMMA = 0.9
+ALPHA = common.LEARNING_RATE
+
+
+def make_tx(name: str, max_steps: int):
+  if name == "reversible_sgd":
+    return revoptax.reversible_sgd(ALPHA, GAMMA, max_steps=max_steps)
+  return optax.sgd(ALPHA * (1.0 - GAMMA), momentum=GAMMA)
+
+
+class MLP(nnx.Module):
+  def __init__(self, sizes, rngs: nnx.Rngs):
+    self.layers = nnx.List([nnx.Linear(i, o, rngs=rngs) for i, o in zip(sizes[:-1], sizes[1:])])
+
+  def __call__(self, x):
+    for layer in self.layers[:-1]:
+      x = jnp.tanh(layer(x))
+    return self.layers[-1](x)
+
+
+def _nnx_loss(model, x, y):
+  logits = model(x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _per_call_times(step, num_warmup: int, num_steps: int, batches, labels) -> list[float]:
+  times = []
+  for t in range(num_warmup + num_steps):
+    b = t % batches.shape[0]
+    start = time.perf_counter()
+    jax.block_until_ready(step(batches[b], labels[b]))
+    if t >= num_warmup:
+      times.append(time.perf_counter() - start)
+  return times
+
+
+def time_nnx(tx_name: str, args, batches, labels) -> list[float]:
+  """``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and an ``@nnx.jit`` step."""
+  model = MLP(common.MODELS["digits"], rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, make_tx(tx_name, args.warmup + args.steps), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    loss, grads = nnx.value_and_grad(_nnx_loss)(model, x, y)
+    optimizer.update(model, grads)
+    return loss
+
+  return _per_call_times(
+    lambda x, y: train_step(model, optimizer, x, y), args.warmup, args.steps, batches, labels
+  )
+
+
+def time_nnx_state(tx_name: str, args, batches, labels) -> list[float]:
+  """An nnx model and ``@nnx.jit`` step, the Optax state kept outside nnx."""
+  model = MLP(common.MODELS["digits"], rngs=nnx.Rngs(0))
+  tx = make_tx(tx_name, args.warmup + args.steps)
+  opt_state = [tx.init(nnx.as_pure(nnx.state(model, nnx.Param)))]
+
+  @nnx.jit
+  def train_step(model, opt_state, x, y):
+    loss, grads = nnx.value_and_grad(_nnx_loss)(model, x, y)
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    updates, opt_state = tx.update(nnx.as_pure(grads), opt_state, params)
+    nnx.update(model, optax.apply_updates(params, updates))
+    return loss, opt_state
+
+  def call(x, y):
+    loss, opt_state[0] = train_step(model, opt_state[0], x, y)
+    return loss
+
+  return _per_call_times(call, args.warmup, args.steps, batches, labels)
+
+
+def _loss(params, batch):
+  x, y = batch
+  return common.cross_entropy(params, x, y)
+
+
+def _optax_step(tx, params, opt_state, batch):
+  grads = jax.grad(_loss)(params, batch)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def time_jit(tx_name: str, args, batches, labels) -> list[float]:
+  tx = make_tx(tx_name, args.warmup + args.steps)
+  params = common.init_mlp(common.MODELS["digits"])
+  state = [params, tx.init(params)]
+  step = jax.jit(lambda p, s, batch: _optax_step(tx, p, s, batch), donate_argnums=(0, 1))
+
+  def call(x, y):
+    state[0], state[1] = step(state[0], state[1], (x, y))
+    return state[0]
+
+  return _per_call_times(call, args.warmup, args.steps, batches, labels)
+
+
+def time_scan(tx_name: str, args, batches, labels) -> list[float]:
+  """Seconds per step of ``args.steps`` steps scanned inside one jit call."""
+  tx = make_tx(tx_name, args.steps)
+  params = common.init_mlp(common.MODELS["digits"])
+
+  @jax.jit
+  def train(params):
+    def body(carry, t):
+      params, opt_state = carry
+      b = t % batches.shape[0]
+      return _optax_step(tx, params, opt_state, (batches[b], labels[b])), None
+
+    (params, _), _ = lax.scan(body, (params, tx.init(params)), jnp.arange(args.steps))
+    return params
+
+  jax.block_until_ready(train(params))
+  times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    jax.block_until_ready(train(params))
+    times.append((time.perf_counter() - start) / args.steps)
+  return times
+
+
+def time_jit_without_checks(args, batches, labels) -> list[float]:
+  """Diagnostic: the ``jit`` loop with revoptax's host-callback checks patched out.
+
+  ``revoptax._errors.raise_on_failure`` puts a ``jax.debug.callback`` (under a
+  ``lax.cond``) into every update; this measures the step without it.
+  """
+  from revoptax import _errors
+
+  original = _errors.raise_on_failure
+  _errors.raise_on_failure = lambda *args, **kwargs: None
+  try:
+    return time_jit("reversible_sgd", args, batches, labels)
+  finally:
+    _errors.raise_on_failure = original
+
+
+LOOPS = {"nnx": time_nnx, "nnx_state": time_nnx_state, "jit": time_jit, "scan": time_scan}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--steps", type=int, default=500, help="timed steps per loop")
+  parser.add_argument("--warmup", type=int, default=50, help="untimed steps first")
+  parser.add_argument("--out", type=Path, default=OUT)
+  parser.add_argument("--no-report", action="store_true", help="do not regenerate the docs")
+  args = parser.parse_args(argv)
+
+  batches, labels, _, _ = common.load_digits()
+  results = {}
+  for loop, timer in LOOPS.items():
+    results[loop] = {}
+    for tx_name in ("optax_sgd", "reversible_sgd"):
+      try:
+        times = timer(tx_name, args, batches, labels)
+      except Exception as e:  # a failing optimizer is a result, not a crash
+        message = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+        results[loop][tx_name] = {"error": message}
+        print(f"{loop:9s} {tx_name:15s} FAILED {message}", file=sys.stderr)
+        continue
+      median = statistics.median(times)
+      results[loop][tx_name] = {"median_s": median, "num_samples": len(times)}
+      print(f"{loop:9s} {tx_name:15s} {median * 1e6:9.1f} us/step", file=sys.stderr)
+    if all("median_s" in results[loop][name] for name in ("optax_sgd", "reversible_sgd")):
+      ratio = results[loop]["reversible_sgd"]["median_s"] / results[loop]["optax_sgd"]["median_s"]
+      results[loop]["ratio"] = ratio
+      print(f"{loop:9s} ratio {ratio:.2f}", file=sys.stderr)
+
+  times = time_jit_without_checks(args, batches, labels)
+  diagnostics = {
+    "jit_without_checks": {
+      "description": "`reversible_sgd`, `jax.jit` step per call, with the in-graph error checks "
+      "(`jax.debug.callback` under `lax.cond`) patched out",
+      "median_s": statistics.median(times),
+      "num_samples": len(times),
+    }
+  }
+  print(
+    f"jit reversible_sgd, checks off {statistics.median(times) * 1e6:.1f} us/step", file=sys.stderr
+  )
+
+  from hypergradient import machine_info
+
+  document = {
+    "machine": machine_info(),
+    "settings": {"steps": args.steps, "warmup": args.warmup, "alpha": ALPHA, "gamma": GAMMA},
+    "loops": results,
+    "diagnostics": diagnostics,
+  }
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps(document, indent=1))
+  print(f"wrote {args.out}", file=sys.stderr)
+  if args.out == OUT and not args.no_report:
+    import report
+
+    report.main([])
+
+
+if __name__ == "__main__":
+  main()
