@@ -346,7 +346,8 @@ def reversible_sgd(
       when the momentum is not known concretely (default: exact from concrete
       values, else 0.5).
     param_log_capacity: entries per leaf of the log of params that differed
-      from the exact weights (default ``256 + size * max_steps / 1000``).
+      from the exact weights (default ``256 + size * max_steps / 250``: measured
+      peaks are 0.3% of element updates early in training at learning rate 1).
 
   Returns:
     A :class:`ReversibleTransformation` (an ``optax.GradientTransformationExtraArgs``).
@@ -393,7 +394,7 @@ def reversible_sgd(
     logs = [
       _param_log.init(
         jnp.asarray(p).dtype,
-        param_log_capacity or 256 + math.ceil(np.size(p) * max_steps / 1000),
+        param_log_capacity or 256 + math.ceil(np.size(p) * max_steps / 250),
       )
       for p in leaves
     ]

@@ -126,8 +126,10 @@ def test_trajectory_matches_optax_sgd():
 def test_params_equal_exact_weights_rounded_or_are_logged():
   """apply_updates lands on F(w) except where float addition cannot; those are logged."""
   params = init_mlp(jax.random.key(2))
-  num_steps = 300
-  tx = revoptax.reversible_sgd(0.5, 0.9, max_steps=num_steps)
+  # Learning rate 1: large early updates make many weights unreachable by float
+  # addition (this overflowed an earlier, smaller default log capacity).
+  num_steps = 100
+  tx = revoptax.reversible_sgd(1.0, 0.9, max_steps=num_steps)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(100, 64)), jnp.float32)
   y = jnp.asarray(np.arange(100) % 10, jnp.int32)
   rule = revoptax.MomentumSGDRule()
@@ -153,7 +155,7 @@ def test_params_equal_exact_weights_rounded_or_are_logged():
   logged = sum(int(size) for size in jax.tree.leaves(state.log_size))
   # The mismatches after step t are logged by update t + 1 (the last not yet).
   assert logged == int(jnp.sum(counts[:-1]))
-  assert 0 < logged < 0.002 * num_steps * 6310
+  assert 0 < logged < 0.004 * num_steps * 6310
 
 
 def test_state_has_fixed_shapes_under_jit_and_cond():
