@@ -132,18 +132,27 @@ class MomentumSGDRule:
 # those that is a prefix of the params.
 
 
-def _spec_leaves(spec, params):
-  """One spec leaf per params leaf (``spec`` may be a prefix of ``params``)."""
+def per_leaf(spec, params) -> list:
+  """One value per params leaf: ``spec`` is one value for all, or a prefix tree of params.
+
+  Callables, scalars and arrays are single values. Raises ``ValueError`` when a
+  pytree ``spec`` is not a prefix of ``params``.
+  """
   if callable(spec) or _is_scalar_like(spec):
     return [spec] * len(jax.tree.leaves(params))
+  boxed = jax.tree.map(lambda s, p: jax.tree.map(lambda _: _Box(s), p), spec, params)
+  return [b.value for b in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, _Box))]
+
+
+def _spec_leaves(spec, params):
+  """One spec leaf per params leaf (``spec`` may be a prefix of ``params``)."""
   try:
-    per_leaf = jax.tree.map(lambda s, p: jax.tree.map(lambda _: _Box(s), p), spec, params)
+    return per_leaf(spec, params)
   except ValueError as e:
     raise ValueError(
       "reversible_sgd: a pytree learning_rate/momentum must have the structure of the "
       f"params (or a prefix of it): {e}"
     ) from None
-  return [b.value for b in jax.tree.leaves(per_leaf, is_leaf=lambda x: isinstance(x, _Box))]
 
 
 class _Box:
@@ -300,7 +309,7 @@ class ReversibleTransformation(optax.GradientTransformationExtraArgs):
     return obj
 
 
-def _leaf_names(params):
+def leaf_names(params) -> list[str]:
   return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
@@ -381,7 +390,7 @@ def reversible_sgd(
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
-    names = _leaf_names(params)
+    names = leaf_names(params)
     _check_dtypes(leaves, names, api)
     gammas = _spec_leaves(momentum, params)
     exact, oks = [], []
@@ -404,7 +413,7 @@ def reversible_sgd(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     grads, treedef = jax.tree.flatten(updates)
-    names = _leaf_names(updates)
+    names = leaf_names(updates)
     t = state.step
     alphas = _spec_leaves(learning_rate, updates)
     gammas = _spec_leaves(momentum, updates)
@@ -462,7 +471,7 @@ def reversible_sgd(
       ]
     )
     _errors.raise_on_failure(
-      {"drift": drift}, _leaf_names(treedef.unflatten(grads)), api + " inverse", step=t
+      {"drift": drift}, leaf_names(treedef.unflatten(grads)), api + " inverse", step=t
     )
     prints = [jax.lax.dynamic_update_index_in_dim(p, jnp.uint32(0), t, 0) for p in prints]
     exact = [

@@ -36,6 +36,8 @@ from revoptax._determinism import fingerprint, isolated
 from revoptax._fixed_point import FixedPointFormat, _compute_dtype
 from revoptax._sgd import (
   MomentumSGDRule,
+  leaf_names,
+  per_leaf,
   validate_learning_rate,
   validate_momentum,
 )
@@ -170,7 +172,7 @@ def train(
   leaves, treedef = jax.tree.flatten(params)
   if not leaves:
     raise ValueError(f"{API}: params has no leaves.")
-  names = tuple(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+  names = tuple(leaf_names(params))
   for leaf, name in zip(leaves, names):
     if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
       raise TypeError(
@@ -246,21 +248,15 @@ def _leading_axis(batches) -> int:
 def _schedule(fn, hparams, ts, params, what):
   """Per-leaf ``[T, ...]`` schedule arrays from ``fn(hparams, t)``."""
   values = jax.vmap(lambda t: fn(hparams, t))(ts)
-  param_leaves = jax.tree.leaves(params)
-  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  if isinstance(values, (jax.Array, np.ndarray)) or np.isscalar(values):
-    per_leaf = [jnp.asarray(values)] * len(param_leaves)
-  else:
-    try:
-      # A schedule value may be a prefix of params (one value per layer).
-      boxed = jax.tree.map(lambda v, p: jax.tree.map(lambda _: _Box(v), p), values, params)
-    except ValueError as e:
-      raise ValueError(
-        f"{API}: {what}(hparams, t) must return a scalar or a pytree matching params; {e}"
-      ) from None
-    per_leaf = [b.value for b in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, _Box))]
+  try:
+    # A schedule value may be a prefix of params (one value per layer).
+    values = per_leaf(values, params)
+  except ValueError as e:
+    raise ValueError(
+      f"{API}: {what}(hparams, t) must return a scalar or a pytree matching params; {e}"
+    ) from None
   out = []
-  for v, p, name in zip(per_leaf, param_leaves, names):
+  for v, p, name in zip(values, jax.tree.leaves(params), leaf_names(params)):
     v = jnp.asarray(v)
     if not jnp.issubdtype(v.dtype, jnp.floating):
       v = v.astype(jnp.result_type(float))
@@ -278,13 +274,6 @@ def _schedule(fn, hparams, ts, params, what):
       )
     out.append(v)
   return out
-
-
-class _Box:
-  __slots__ = ("value",)
-
-  def __init__(self, value):
-    self.value = value
 
 
 def _split(tree):
