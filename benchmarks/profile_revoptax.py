@@ -102,7 +102,7 @@ def exact_pieces(num_steps: int, rows_list) -> dict:
     return leaf._replace(v=v, buffer=buf)
 
   def divide(leaf, t):
-    v, buf = _buffer.divide(leaf.v, leaf.buffer, n, t, k)
+    v, buf = _buffer.divide(leaf.v, leaf.buffer, n, t, k, clear_popped=False)
     return leaf._replace(v=v, buffer=buf)
 
   def float_step(pair, t):

@@ -19,12 +19,18 @@ with quantized uniform frequencies over ``n`` symbols at precision
     x' = f * (X // M) + (X mod M) - cdf      # the rANS decode step
 
 so ``x`` grows by ``log2(2**k / n) = log2(1 / gamma)`` bits per step (plus
-below ``3e-6`` bits of quantization loss).  When any head of a leaf reaches
-``2**64``, the low 32 bits of *every* head of that leaf are spilled as one row
-of a preallocated stack (the step is recorded with the row), so writes are
-whole rows (``dynamic_update_slice``) and never scatters.  Because every step
-is a bijection on ``(v, buffer)``, :func:`divide` undoes :func:`multiply`
-exactly, leaving the buffer exactly as it was.
+below ``3e-6`` bits of quantization loss).  Heads start at ``2**32`` and are
+kept below ``2**56`` between steps, so one step (at most 8 bits of growth)
+stays within 64 bits: when any head of a leaf reaches ``2**56``, the low 32
+bits of *every* head of that leaf are spilled as one row of a preallocated
+stack (the step is recorded with the row), so writes are whole rows
+(``dynamic_update_slice``) and never scatters.  Because every step is a
+bijection on ``(v, buffer)``, :func:`divide` undoes :func:`multiply` exactly,
+leaving the heads, ``size`` and every row in use as they were (rows popped are
+left in place as free space, see :func:`clear_free_rows`).
+
+The arithmetic runs on native 64-bit integers inside
+:func:`revoptax._fixed_point.exact_scope`; the state is stored as 32-bit words.
 
 ``gamma`` may be a traced value that changes every step and per leaf (or even
 per element): nothing about the coder depends on ``lcm(n, 2**k)``.  Momentum
@@ -43,11 +49,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from revoptax import _words as words
-from revoptax._fixed_point import Fixed
+from revoptax._fixed_point import Fixed, exact_scope, join, split
 
-I32, U32 = jnp.int32, jnp.uint32
+I32, U32, I64, U64 = jnp.int32, jnp.uint32, "int64", "uint64"
 HEAD_BITS_INITIAL = 32
+# Heads are kept below 2**56 between steps, so a step (at most 8 bits of
+# growth) never overflows 64 bits.
+_SPILL_AT = 1 << 56
 # Per-step bits above log2(1/gamma) that the capacity rule budgets for
 # (quantization loss is below 3e-6 bits/step; the rest is margin).
 _CAPACITY_SLACK_BITS_PER_STEP = 2.0**-10
@@ -110,15 +118,22 @@ def capacity_for(total_bits: float, num_steps: int) -> int:
 
   The rule: each element's head gains ``log2(1/gamma_t)`` bits at step t (plus
   below 3e-6 bits of coding loss, budgeted at 2**-10) and spills 32 bits a row,
-  starting from a 32-bit head and holding at most 64 bits, so
-  ``ceil((total_bits + T * 2**-10 + 72) / 32)`` rows always suffice.
+  starting from a 32-bit head and keeping at least 24 bits after a spill, so
+  after m spills ``32 m + 24 <= 32 + total_bits + loss``;
+  ``ceil((total_bits + T * 2**-10 + 72) / 32)`` rows always suffice (64 bits
+  of margin).
   """
   slack = num_steps * _CAPACITY_SLACK_BITS_PER_STEP + _CAPACITY_SLACK_BITS
   return max(1, math.ceil((float(total_bits) + slack) / 32.0))
 
 
 def _symbol_table(n, momentum_bits: int):
-  m_total = words.u32(1 << (momentum_bits + 8))
+  """Frequencies of the ``n`` symbols at precision ``M = 2**(k + 8)`` (uint32).
+
+  ``a, rr = divmod(M, n)``: symbols below ``rr`` have frequency ``a + 1``, the
+  rest ``a``; ``boundary = rr * (a + 1)`` is where the two ranges meet.
+  """
+  m_total = jnp.asarray(1 << (momentum_bits + 8), U32)
   a = m_total // n
   rr = m_total - a * n
   return a, rr, rr * (a + 1)
@@ -129,6 +144,20 @@ def _freq_cdf(s, a, rr, boundary):
   f = jnp.where(first, a + 1, a)
   cdf = jnp.where(first, s * (a + 1), boundary + (s - rr) * a)
   return f, cdf
+
+
+def _floor_div_small(num, den):
+  """``num // den`` for ``num < 2**24`` and ``1 <= den < 2**17`` (uint32).
+
+  Vector units have no integer division, so the quotient is estimated with a
+  float32 division (within one of the truth even if the compiler turns the
+  division into a multiplication by a reciprocal) and corrected exactly in
+  integers.
+  """
+  q = jnp.floor(num.astype(jnp.float32) / den.astype(jnp.float32)).astype(I32)
+  rem = num.astype(I32) - q * den.astype(I32)
+  q = q - (rem < 0).astype(I32) + (rem >= den.astype(I32)).astype(I32)
+  return q.astype(U32)
 
 
 def multiply(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
@@ -145,34 +174,30 @@ def multiply(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
     ``(v', buf', ok)``; ``ok`` is False if the stack was already full.
   """
   k = momentum_bits
-  a, rr, boundary = _symbol_table(words.u32(n), k)  # per leaf, before broadcasting
-  n = jnp.broadcast_to(words.u32(n), v.lo.shape)
-  hi_u = lax.bitcast_convert_type(v.hi, U32)
-  r = v.lo & ((1 << k) - 1)
-  q_lo = (v.lo >> k) | (hi_u << (32 - k))
-  q_hi = v.hi >> k  # arithmetic shift: floor division for negative v
+  n = jnp.asarray(n, U32)
+  a, rr, boundary = _symbol_table(n, k)  # per leaf, before broadcasting
+  with exact_scope():
+    value = join(v)
+    head = _join_head(buf)
+    r = (value & ((1 << k) - 1)).astype(U32)
+    # X = head * 2**k + r;  c = X mod M (24 bits);  X // M = head >> 8.
+    c = ((head & 0xFF).astype(U32) << k) | r
+    first = c < boundary
+    s = jnp.where(
+      first, _floor_div_small(c, a + 1), rr + _floor_div_small(c - boundary, a)
+    )
+    f, cdf = _freq_cdf(s, a, rr, boundary)
+    # rANS decode: head' = f * (X // M) + c - cdf < f * 2**48 <= 2**64 for head < 2**56.
+    head = f.astype(U64) * (head >> 8) + (c - cdf).astype(U64)
+    spill = jnp.any(head >= _SPILL_AT)
+    row = (head & 0xFFFFFFFF).astype(U32)
+    head = jnp.where(spill, head >> 32, head)
+    new_v = split((value >> k) * n.astype(I64) + s.astype(I64))  # floor(v / 2**k) * n + s
+    head_hi, head_lo = (head >> 32).astype(U32), (head & 0xFFFFFFFF).astype(U32)
 
-  # X = head * 2**k + r;  c = X mod M;  X // M = head >> 8.
-  xh, xl = buf.head_hi, buf.head_lo
-  c = ((xl & 0xFF) << k) | r
-  first = c < boundary
-  q, _ = words.divmod_small(jnp.where(first, c, c - boundary), jnp.where(first, a + 1, a))
-  s = jnp.where(first, q, rr + q)
-  f, cdf = _freq_cdf(s, a, rr, boundary)
-  shifted = words.to_limbs(xh >> 8, (xl >> 8) | (xh << 24))
-  x_new = words.mul_limbs_small(shifted, f, c - cdf)  # 5 limbs, < 2**72
-
-  spill = jnp.any(x_new[0] != 0)
   full = buf.size >= buf.stack.shape[0]
-  head_spilled = (x_new[0], (x_new[1] << 16) | x_new[2])  # x_new >> 32
-  head_kept = words.from_limbs(x_new[1:])
-  new_hi = jnp.where(spill, head_spilled[0], head_kept[0])
-  new_lo = jnp.where(spill, head_spilled[1], head_kept[1])
-  # Low 32 bits of x_new are limbs 3 and 4.
-  row = (x_new[3] << 16) | x_new[4]
-
-  # Always write one row in place (selecting the old contents when not
-  # spilling): cheaper inside a loop than a conditional on the whole stack.
+  # Always write one row in place (the old contents when not spilling): cheaper
+  # inside a loop than a conditional on the whole stack.
   idx = jnp.minimum(buf.size, buf.stack.shape[0] - 1)
   old_row = lax.dynamic_index_in_dim(buf.stack, idx, 0, keepdims=False)
   stack = lax.dynamic_update_index_in_dim(buf.stack, jnp.where(spill, row, old_row), idx, 0)
@@ -180,56 +205,68 @@ def multiply(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
   row_step = lax.dynamic_update_index_in_dim(
     buf.row_step, jnp.where(spill, step.astype(I32), old_step), idx, 0
   )
-  new_buf = BufferState(new_hi, new_lo, stack, row_step, buf.size + spill.astype(I32))
-
-  # v' = q * n + s (two's complement, modulo 2**64).
-  prod = words.mul_limbs_small(words.to_limbs(lax.bitcast_convert_type(q_hi, U32), q_lo), n, s)
-  v_hi, v_lo = words.from_limbs(prod)
-  new_v = Fixed(lax.bitcast_convert_type(v_hi, I32), v_lo)
+  new_buf = BufferState(head_hi, head_lo, stack, row_step, buf.size + spill.astype(I32))
   return new_v, new_buf, ~(spill & full)
 
 
-def divide(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
-  """Exact inverse of :func:`multiply` at the same ``n`` and ``step``."""
-  k = momentum_bits
-  a, rr, boundary = _symbol_table(words.u32(n), k)  # per leaf, before broadcasting
-  n = jnp.broadcast_to(words.u32(n), v.lo.shape)
+def divide(v: Fixed, buf: BufferState, n, step, momentum_bits: int, clear_popped: bool = True):
+  """Exact inverse of :func:`multiply` at the same ``n`` and ``step``.
 
+  With ``clear_popped=False`` a popped row is left in place: rows at and above
+  ``size`` are then free space with unspecified contents, which saves a copy
+  of the whole stack per step inside a loop (:func:`clear_free_rows` gives the
+  canonical buffer).
+  """
+  k = momentum_bits
+  n = jnp.asarray(n, U32)
+  a, rr, boundary = _symbol_table(n, k)
   top = jnp.maximum(buf.size - 1, 0)
   top_step = lax.dynamic_index_in_dim(buf.row_step, top, 0, False)
   spilled = (buf.size > 0) & (top_step == step)
-  stored = lax.dynamic_index_in_dim(buf.stack, top, 0, False)
-  row = jnp.where(spilled, stored, 0)
-  head = words.to_limbs(buf.head_hi, buf.head_lo)
-  row_limbs = [row >> 16, row & 0xFFFF]
-  zero = jnp.zeros_like(row)
-  x_new = [jnp.where(spilled, h, z) for h, z in zip(head[1:] + row_limbs, [zero] + head)]
+  row = lax.dynamic_index_in_dim(buf.stack, top, 0, False)
+  with exact_scope():
+    head = _join_head(buf)
+    head = jnp.where(spilled, (head << 32) | row.astype(U64), head)
+    # Signed floor divmod of v' by n: for negative v', use ~v' = -v' - 1 >= 0.
+    value = join(v)
+    neg = value < 0
+    mag = jnp.where(neg, ~value, value).astype(U64)
+    n64 = jnp.broadcast_to(n, mag.shape).astype(U64)
+    q = mag // n64
+    rem = (mag - q * n64).astype(U32)
+    q = q.astype(I64)
+    q = jnp.where(neg, ~q, q)
+    s = jnp.where(neg, n - 1 - rem, rem)
+    # rANS encode of s: X // M = head // f, X mod M = head mod f + cdf.
+    f, cdf = _freq_cdf(s, a, rr, boundary)
+    f64 = f.astype(U64)
+    shifted = head // f64
+    c = (head - shifted * f64).astype(U32) + cdf
+    head = (shifted << 8) | (c >> k).astype(U64)
+    new_v = split((q << k) | (c & ((1 << k) - 1)).astype(I64))
+    head_hi, head_lo = (head >> 32).astype(U32), (head & 0xFFFFFFFF).astype(U32)
+  new_buf = buf._replace(head_hi=head_hi, head_lo=head_lo, size=buf.size - spilled.astype(I32))
+  if clear_popped:
+    new_buf = new_buf._replace(
+      stack=lax.dynamic_update_index_in_dim(buf.stack, jnp.where(spilled, 0, row), top, 0),
+      row_step=lax.dynamic_update_index_in_dim(
+        buf.row_step, jnp.where(spilled, -1, top_step), top, 0
+      ),
+    )
+  return new_v, new_buf
 
-  # Signed floor divmod of v' by n: for negative v', use ~v' = -v' - 1 >= 0.
-  neg = v.hi < 0
-  hi_u = lax.bitcast_convert_type(v.hi, U32)
-  mag = words.to_limbs(jnp.where(neg, ~hi_u, hi_u), jnp.where(neg, ~v.lo, v.lo))
-  q_limbs, rem = words.divmod_limbs_small(mag, n)
-  q_hi, q_lo = words.from_limbs(q_limbs)
-  q_hi = jnp.where(neg, ~q_hi, q_hi)
-  q_lo = jnp.where(neg, ~q_lo, q_lo)
-  s = jnp.where(neg, n - 1 - rem, rem)
 
-  f, cdf = _freq_cdf(s, a, rr, boundary)
-  shifted, rem2 = words.divmod_limbs_small(x_new, f)
-  c = rem2 + cdf
-  sh, sl = words.from_limbs(shifted)
-  head_hi = (sh << 8) | (sl >> 24)
-  head_lo = (sl << 8) | (c >> k)
-  r = c & ((1 << k) - 1)
+def _join_head(buf: BufferState):
+  return (buf.head_hi.astype(U64) << 32) | buf.head_lo.astype(U64)
 
-  v_hi = (q_hi << k) | (q_lo >> (32 - k))
-  v_lo = (q_lo << k) | r
 
-  stack = lax.dynamic_update_index_in_dim(buf.stack, jnp.where(spilled, 0, stored), top, 0)
-  row_step = lax.dynamic_update_index_in_dim(buf.row_step, jnp.where(spilled, -1, top_step), top, 0)
-  new_buf = BufferState(head_hi, head_lo, stack, row_step, buf.size - spilled.astype(I32))
-  return Fixed(lax.bitcast_convert_type(v_hi, I32), v_lo), new_buf
+def clear_free_rows(buf: BufferState) -> BufferState:
+  """``buf`` with the free rows (at and above ``size``) zeroed, for comparisons."""
+  in_use = jnp.arange(buf.stack.shape[0]) < buf.size
+  mask = in_use.reshape((-1,) + (1,) * (buf.stack.ndim - 1))
+  return buf._replace(
+    stack=jnp.where(mask, buf.stack, 0), row_step=jnp.where(in_use, buf.row_step, -1)
+  )
 
 
 def used_bits(buf: BufferState) -> jax.Array:

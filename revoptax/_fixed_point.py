@@ -10,9 +10,13 @@ The representable range is ``|x| < 2**int_bits`` with ``int_bits + radix_bits
 overflow of the range can be detected exactly.  Conversions are exact and
 deterministic: a float is turned into fixed point by scaling by a power of two
 (exact) and rounding half to even, and fixed point is turned back into a float
-by correct rounding (round half to even) done in integer arithmetic, so the
-same words always give the same float on every backend and in both 32- and
-64-bit JAX modes.
+by correct rounding (round half to even, subnormals included) done in integer
+arithmetic, so the same words always give the same float on every backend and
+in both 32- and 64-bit JAX modes.
+
+The words are what is stored (so states work in JAX's default 32-bit mode);
+the arithmetic is done on native 64-bit integers inside :func:`exact_scope`,
+which turns on 64-bit types while the computation is traced.
 
 Reference: D. Maclaurin, D. Duvenaud, R. P. Adams, "Gradient-based
 Hyperparameter Optimization through Reversible Learning", ICML 2015, §2.1.
@@ -28,16 +32,30 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from revoptax import _words as words
+I32, U32, I64, U64 = jnp.int32, jnp.uint32, "int64", "uint64"
 
-I32, U32 = jnp.int32, jnp.uint32
-
+# Significand bits (with the implicit one) and smallest normal exponent.
 _MANTISSA_BITS = {
   np.dtype(jnp.float32): 24,
   np.dtype(jnp.bfloat16): 8,
   np.dtype(jnp.float16): 11,
   np.dtype(jnp.float64): 53,
 }
+_MIN_EXPONENT = {
+  np.dtype(jnp.float32): -126,
+  np.dtype(jnp.bfloat16): -126,
+  np.dtype(jnp.float16): -14,
+  np.dtype(jnp.float64): -1022,
+}
+
+
+def exact_scope():
+  """Context for tracing revoptax's exact arithmetic: 64-bit integers enabled.
+
+  Arrays of 64-bit types must not leave the scope: convert them to words with
+  :func:`split` (or to 32-bit types) before returning.
+  """
+  return jax.enable_x64(True)
 
 
 class Fixed(NamedTuple):
@@ -45,6 +63,16 @@ class Fixed(NamedTuple):
 
   hi: jax.Array  # int32
   lo: jax.Array  # uint32
+
+
+def join(x: Fixed) -> jax.Array:
+  """The ``int64`` integer of fixed-point words (inside :func:`exact_scope`)."""
+  return (x.hi.astype(I64) << 32) | x.lo.astype(I64)
+
+
+def split(k) -> Fixed:
+  """Fixed-point words of an ``int64`` integer below ``2**62`` in magnitude."""
+  return Fixed((k >> 32).astype(I32), (k & 0xFFFFFFFF).astype(U32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +85,14 @@ class FixedPointFormat:
 
   The default ``R = 46, int_bits = 16`` resolves ``1.4e-14`` (finer than
   float32 at ``|x| >= 2.4e-7``) and holds ``|x| < 65536``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from revoptax import FixedPointFormat
+    >>> fmt = FixedPointFormat()
+    >>> x, ok = fmt.from_float(jnp.asarray([0.1, -2.5], jnp.float32))
+    >>> fmt.to_float(fmt.add(x, x)).tolist()
+    [0.20000000298023224, -5.0]
   """
 
   radix_bits: int = 46
@@ -100,75 +136,65 @@ class FixedPointFormat:
       ``(fixed, ok)`` where ``ok`` is False where ``x`` was not finite or out of
       range (those elements hold an unspecified value).
     """
-    x = jnp.asarray(x)
-    dtype = _compute_dtype(x.dtype)
-    x = x.astype(dtype)
-    ok = jnp.isfinite(x) & (jnp.abs(x) < self.max_abs)
-    x = jnp.where(ok, x, jnp.zeros_like(x))
-    # Multiplying by a power of two is exact, and so is rounding a float to an
-    # integer.  Split the magnitude (the pieces are bit fields of it, so each is
-    # representable), then negate in two's complement.
-    r = jnp.round(x * jnp.asarray(2.0**self.radix_bits, dtype))
-    mag = jnp.abs(r)
-    hi_f = jnp.floor(mag * jnp.asarray(2.0**-32, dtype))
-    lo_f = mag - hi_f * jnp.asarray(2.0**32, dtype)
-    lo_top = jnp.floor(lo_f * jnp.asarray(2.0**-16, dtype))
-    lo_bot = lo_f - lo_top * jnp.asarray(2.0**16, dtype)
-    hi = hi_f.astype(U32)
-    lo = (lo_top.astype(U32) << 16) | lo_bot.astype(U32)
-    neg_hi, neg_lo = words.add_u64(~hi, ~lo, words.u32(0), words.u32(1))
-    neg = r < 0
-    hi = lax.bitcast_convert_type(jnp.where(neg, neg_hi, hi), I32)
-    lo = jnp.where(neg, neg_lo, lo)
-    return Fixed(hi, lo), ok
+    with exact_scope():
+      k, ok = self.quantize(x)
+      return split(k), ok
 
   def to_float(self, x: Fixed, dtype=jnp.float32) -> jax.Array:
     """Correctly rounded (half to even) float value of fixed-point words."""
-    dtype = np.dtype(dtype)
-    if dtype == np.dtype(jnp.float64):
-      return _to_float64(x, self.radix_bits)
-    p = _MANTISSA_BITS[dtype]
-    neg = x.hi < 0
-    # Magnitude as unsigned words: for negative k, |k| = ~k + 1.
-    hi_u = lax.bitcast_convert_type(x.hi, U32)
-    mh, ml = words.add_u64(~hi_u, ~x.lo, words.u32(0), words.u32(1))
-    mh = jnp.where(neg, mh, hi_u)
-    ml = jnp.where(neg, ml, x.lo)
-    nbits = jnp.where(mh != 0, 64 - lax.clz(mh), 32 - lax.clz(ml)).astype(I32)
-    shift = jnp.maximum(nbits - p, 0)
-    s = shift.astype(U32)
-    # t = mag >> shift (fits in p <= 24 bits); rem = mag mod 2**shift.
-    big = shift >= 32
-    t = jnp.where(
-      big,
-      mh >> (s - 32),
-      (ml >> s) | jnp.where(s == 0, words.u32(0), mh << (32 - s)),
-    )
-    rem_lo = jnp.where(big, ml, ml & ((words.u32(1) << s) - 1))
-    rem_hi = jnp.where(big, mh & ((words.u32(1) << (s - 32)) - 1), words.u32(0))
-    half_lo = jnp.where(shift - 1 < 32, words.u32(1) << (s - 1), words.u32(0))
-    half_hi = jnp.where(shift - 1 >= 32, words.u32(1) << (s - 33), words.u32(0))
-    above = words.less_u64(half_hi, half_lo, rem_hi, rem_lo)
-    tie = (rem_hi == half_hi) & (rem_lo == half_lo) & (shift > 0)
-    t = t + (above | (tie & ((t & 1) == 1))).astype(U32)
-    # value = t * 2**(shift - R): build the power of two from its bits (exact).
-    scale = lax.bitcast_convert_type(
-      ((shift - self.radix_bits + 127) << 23).astype(I32), jnp.float32
-    )
-    mag = t.astype(jnp.float32) * scale
-    return jnp.where(neg, -mag, mag).astype(dtype)
+    with exact_scope():
+      return self.dequantize(join(x), dtype)
 
   def add(self, a: Fixed, b: Fixed) -> Fixed:
     """Exact ``a + b`` (check the result with :meth:`in_range`)."""
-    lo = a.lo + b.lo
-    carry = (lo < a.lo).astype(I32)
-    return Fixed(a.hi + b.hi + carry, lo)
+    with exact_scope():
+      return split(join(a) + join(b))
 
   def sub(self, a: Fixed, b: Fixed) -> Fixed:
     """Exact ``a - b`` (check the result with :meth:`in_range`)."""
-    lo = a.lo - b.lo
-    borrow = (a.lo < b.lo).astype(I32)
-    return Fixed(a.hi - b.hi - borrow, lo)
+    with exact_scope():
+      return split(join(a) - join(b))
+
+  # The same on int64 integers, for use inside exact_scope().
+
+  def quantize(self, x) -> tuple[jax.Array, jax.Array]:
+    """``(round(x * 2**R), ok)`` as ``int64``; inside :func:`exact_scope`.
+
+    float32 and narrower are widened to float64 exactly; scaling by a power of
+    two and rounding to an integer are then exact.
+    """
+    x = jnp.asarray(x)
+    cd = _compute_dtype(x.dtype)
+    x = x.astype(cd)
+    ok = jnp.isfinite(x) & (jnp.abs(x) < jnp.asarray(self.max_abs, cd))
+    x = jnp.where(ok, x, jnp.zeros_like(x)).astype(jnp.float64)
+    return jnp.round(x * 2.0**self.radix_bits).astype(I64), ok
+
+  def dequantize(self, k, dtype=jnp.float32) -> jax.Array:
+    """Correctly rounded float of ``k * 2**-R`` for ``int64`` k; inside :func:`exact_scope`.
+
+    Rounds ``|k|`` to the precision of ``dtype`` at its magnitude (``p``
+    significant bits, or the subnormal spacing) half to even in integers, then
+    converts the rounded value, which is exact.
+    """
+    dtype = np.dtype(dtype)
+    p, emin = _MANTISSA_BITS[dtype], _MIN_EXPONENT[dtype]
+    mag = jnp.abs(k).astype(U64)  # |k| < 2**62
+    nbits = (64 - lax.clz(mag)).astype(I64)
+    shift = jnp.maximum(nbits - p, max(emin - p + 1 + self.radix_bits, 0))
+    s = shift.astype(U64)
+    t = mag >> s
+    rem = mag & ((jnp.ones_like(mag) << s) - 1)
+    half = (jnp.ones_like(mag) << s) >> 1
+    t = t + ((rem > half) | ((rem == half) & (s > 0) & ((t & 1) == 1))).astype(U64)
+    # value = t * 2**(shift - R) with t <= 2**p: build the power of two from bits.
+    if dtype == np.dtype(jnp.float64):
+      scale = lax.bitcast_convert_type((shift - self.radix_bits + 1023) << 52, jnp.float64)
+      mag_f = t.astype(jnp.float64) * scale
+    else:
+      exponent = (shift - self.radix_bits + 127).astype(I32) << 23
+      mag_f = t.astype(jnp.float32) * lax.bitcast_convert_type(exponent, jnp.float32)
+    return jnp.where(k < 0, -mag_f, mag_f).astype(dtype)
 
 
 def _compute_dtype(dtype) -> np.dtype:
@@ -179,10 +205,3 @@ def _compute_dtype(dtype) -> np.dtype:
   if dtype not in _MANTISSA_BITS:
     raise TypeError(f"revoptax fixed point supports float16/bfloat16/float32/float64, not {dtype}.")
   return np.dtype(jnp.float32)
-
-
-def _to_float64(x: Fixed, radix_bits: int) -> jax.Array:
-  # Only reachable with jax_enable_x64; int64 -> float64 conversion rounds to
-  # nearest even, and scaling by a power of two is exact.
-  k = (x.hi.astype(jnp.int64) << 32) | x.lo.astype(jnp.int64)
-  return k.astype(jnp.float64) * (2.0**-radix_bits)

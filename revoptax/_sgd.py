@@ -110,14 +110,19 @@ class MomentumSGDRule:
     dw, _ = self.fixed.from_float(jnp.asarray(alpha, cd) * self.fixed.to_float(leaf.v, cd))
     return leaf._replace(w=self.fixed.sub(leaf.w, dw))
 
-  def unstep_velocity_leaf(self, leaf: ExactLeaf, grad, gamma, t):
-    """``v_t = (v_{t+1} + Q((1 - gamma) g_t)) / gamma`` (exact, pops the buffer)."""
+  def unstep_velocity_leaf(self, leaf: ExactLeaf, grad, gamma, t, clear_popped=True):
+    """``v_t = (v_{t+1} + Q((1 - gamma) g_t)) / gamma`` (exact, pops the buffer).
+
+    ``clear_popped=False`` leaves popped buffer rows in place as free space
+    (see :func:`revoptax._buffer.divide`), for loops that only need the rows
+    in use.
+    """
     cd = _compute_dtype(grad.dtype)
     n = self.quantize_momentum(gamma)
     one_minus = 1 - buffer_lib.dequantize_momentum(n, self.momentum_bits, cd)
     dv, _ = self.fixed.from_float(one_minus * grad.astype(cd))
     v = self.fixed.add(leaf.v, dv)
-    v, buf = buffer_lib.divide(v, leaf.buffer, n, t, self.momentum_bits)
+    v, buf = buffer_lib.divide(v, leaf.buffer, n, t, self.momentum_bits, clear_popped)
     return ExactLeaf(leaf.w, v, buf)
 
   @staticmethod

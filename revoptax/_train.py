@@ -345,12 +345,15 @@ def _forward(config: _Config, params, alphas, gammas, h_float, b_float, h_other,
   }
   first_fail["range"] = jnp.where(jnp.stack(oks), -1, 0).astype(jnp.int32)
 
+  # The params each gradient sees are carried from the previous iteration in
+  # both passes: a loop-carried buffer, never fused with the step's arithmetic,
+  # so XLA compiles the gradient the same way forward and backward (measured:
+  # fused in, a reduction inside the gradient changed its last bit).
   def body(carry, t):
-    exact, fails = carry
+    exact, p_t, fails = carry
     b_t = t % config.num_batches
     batch_f = _slice(b_float, b_t)
     batch_o = _slice(b_other, b_t)
-    p_t = [rule.params(leaf, d) for leaf, d in zip(exact, config.dtypes)]
     g = grad(p_t, h_float, batch_f, batch_o, _step_key(config, key, t))
     new_exact, flags = [], {}
     for leaf, g_i, a, m in zip(exact, g, alphas, gammas):
@@ -363,10 +366,12 @@ def _forward(config: _Config, params, alphas, gammas, h_float, b_float, h_other,
       for k in fails
     }
     prints = jnp.stack([fingerprint(g_i) for g_i in g]) if config.check_drift else None
-    return (new_exact, fails), prints
+    p_next = [rule.params(leaf, d) for leaf, d in zip(new_exact, config.dtypes)]
+    return (new_exact, p_next, fails), prints
 
-  (exact, fails), prints = lax.scan(
-    body, (exact, first_fail), jnp.arange(config.num_steps), unroll=config.unroll
+  p_0 = [rule.params(leaf, d) for leaf, d in zip(exact, config.dtypes)]
+  (exact, _, fails), prints = lax.scan(
+    body, (exact, p_0, first_fail), jnp.arange(config.num_steps), unroll=config.unroll
   )
   _errors.raise_on_failure(fails, config.leaf_names, API)
   return exact, prints
@@ -407,23 +412,30 @@ def _run_bwd(config, residuals, cotangents):
   num_leaves = len(exact)
   drift0 = jnp.full((num_leaves,), -1, jnp.int32)
 
+  def unstep_position(exact, t):
+    exact = [
+      rule.unstep_position_leaf(leaf, a[t], d) for leaf, a, d in zip(exact, alphas, config.dtypes)
+    ]
+    return exact, [rule.params(leaf, d) for leaf, d in zip(exact, config.dtypes)]
+
+  # Carry: the exact state with w already at step t, and the params p_t (see
+  # the forward pass on why the gradient's inputs are loop-carried).
   def body(carry, t):
-    exact, d_w, d_v, d_h, d_b, drift = carry
+    exact, p_t, d_w, d_v, d_h, d_b, drift = carry
     b_t = t % config.num_batches
     batch_f = _slice(b_float, b_t)
     batch_o = _slice(b_other, b_t)
     alpha_t = [a[t] for a in alphas]
     gamma_t = [m[t] for m in gammas]
-    exact = [
-      rule.unstep_position_leaf(leaf, a, d) for leaf, a, d in zip(exact, alpha_t, config.dtypes)
-    ]
-    p_t = [rule.params(leaf, d) for leaf, d in zip(exact, config.dtypes)]
     key_t = _step_key(config, key, t)
     g, hvp = jax.vjp(lambda p, h, bf: grad(p, h, bf, batch_o, key_t), p_t, h_float, batch_f)
     if config.check_drift:
       now = jnp.stack([fingerprint(g_i) for g_i in g])
       drift = jnp.where((drift < 0) & (now != prints[t]), t, drift).astype(jnp.int32)
-    exact = [rule.unstep_velocity_leaf(leaf, g_i, m, t) for leaf, g_i, m in zip(exact, g, gamma_t)]
+    exact = [
+      rule.unstep_velocity_leaf(leaf, g_i, m, t, clear_popped=False)
+      for leaf, g_i, m in zip(exact, g, gamma_t)
+    ]
     new_d_w, new_d_v, d_g, d_alpha, d_gamma = [], [], [], [], []
     for leaf, p, g_i, a, m, dw, dv, cd in zip(exact, p_t, g, alpha_t, gamma_t, d_w, d_v, cds):
       w_f = p.astype(cd)
@@ -443,11 +455,18 @@ def _run_bwd(config, residuals, cotangents):
       lax.dynamic_update_index_in_dim(x, lax.dynamic_index_in_dim(x, b_t, 0, False) + y, b_t, 0)
       for x, y in zip(d_b, db_hvp)
     ]
-    return (exact, d_w, new_d_v, d_h, d_b, drift), (d_alpha, d_gamma)
+    # Undo the position update of step t - 1 (none after step 0).
+    earlier, p_prev = unstep_position(exact, jnp.maximum(t - 1, 0))
+    exact = [
+      leaf._replace(w=jax.tree.map(lambda new, old: jnp.where(t > 0, new, old), e.w, leaf.w))
+      for leaf, e in zip(exact, earlier)
+    ]
+    return (exact, p_prev, d_w, new_d_v, d_h, d_b, drift), (d_alpha, d_gamma)
 
   ts = jnp.arange(config.num_steps - 1, -1, -1)
-  (exact, d_w, d_v, d_h, d_b, drift), (d_alphas, d_gammas) = lax.scan(
-    body, (exact, d_w, d_v, d_h, d_b, drift0), ts, unroll=config.unroll
+  exact, p_last = unstep_position(exact, config.num_steps - 1)
+  (exact, _, d_w, d_v, d_h, d_b, drift), (d_alphas, d_gammas) = lax.scan(
+    body, (exact, p_last, d_w, d_v, d_h, d_b, drift0), ts, unroll=config.unroll
   )
   d_alphas = [x[::-1] for x in d_alphas]
   d_gammas = [x[::-1] for x in d_gammas]

@@ -13,7 +13,7 @@ FMT = FixedPointFormat()
 K = 16  # momentum bits
 
 
-def run(v, buf, n_of_t, num_steps):
+def run(v, buf, n_of_t, num_steps, clear_popped=True):
   """T multiplications then T divisions, jitted; returns (forward end, backward end)."""
 
   @jax.jit
@@ -29,7 +29,7 @@ def run(v, buf, n_of_t, num_steps):
   def backward(v, buf):
     def body(carry, t):
       v, buf = carry
-      return buffer_lib.divide(v, buf, n_of_t(t), t, K), None
+      return buffer_lib.divide(v, buf, n_of_t(t), t, K, clear_popped), None
 
     return jax.lax.scan(body, (v, buf), jnp.arange(num_steps)[::-1])[0]
 
@@ -106,3 +106,38 @@ def test_capacity_rule_covers_measured_use():
     v0 = velocity(3)
     (_, buf_end), _, ok = run(v0, buffer_lib.init(v0.lo.shape, rows), lambda t, n=n: n, num_steps)
     assert ok and int(buf_end.size) <= rows
+
+
+def test_leaving_popped_rows_in_place_changes_only_free_rows():
+  # train()'s backward pass does not clear popped rows (it would copy the stack
+  # every step): heads, size and rows in use are restored, and running forward
+  # again from that state gives the same words as the first forward pass.
+  num_steps = 600
+  v0 = velocity(5)
+  n = buffer_lib.quantize_momentum(0.5, K)
+  buf0 = buffer_lib.init(v0.lo.shape, buffer_lib.capacity_for(num_steps * 1.0, num_steps))
+  (v_end, buf_end), (v_back, buf_back), _ = run(v0, buf0, lambda t: n, num_steps, False)
+  assert words_equal(v_back, v0)
+  assert int(buf_back.size) == 0 and bool(jnp.any(buf_back.stack != 0))  # stale rows remain
+  assert words_equal(buffer_lib.clear_free_rows(buf_back), buf0)
+  (v_again, buf_again), _, _ = run(v_back, buf_back, lambda t: n, num_steps, False)
+  assert words_equal(v_again, v_end) and words_equal(buf_again, buf_end)
+
+
+def test_symbol_division_is_exact_for_every_divisor_form():
+  # The symbol index is a float estimate corrected in integers.  XLA may turn a
+  # division by a broadcast scalar into a multiplication by its reciprocal,
+  # which alone gives floor(m * d * (1/d)) = m - 1: found as a round-trip
+  # failure on a Linen model.  Check traced scalar, constant and per-element d.
+  rng = np.random.default_rng(7)
+  num = jnp.asarray(rng.integers(0, 2**24, size=20000), jnp.uint32)
+  dens = [int(d) for d in rng.integers(256, 2**16 + 2, size=40)] + [256, 257, 323, 65536, 65537]
+  by_scalar = jax.jit(lambda d: buffer_lib._floor_div_small(num * 0 + (num // d) * d, d))
+  for d in dens:
+    multiples = (np.asarray(num) // d) * d  # exact multiples are where a reciprocal fails
+    np.testing.assert_array_equal(np.asarray(by_scalar(jnp.uint32(d))), multiples // d)
+    got = jax.jit(lambda: buffer_lib._floor_div_small(num, jnp.uint32(d)))()
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(num) // d)
+  per_element = jnp.asarray(rng.integers(256, 2**16 + 2, size=num.shape), jnp.uint32)
+  got = jax.jit(buffer_lib._floor_div_small)(num, per_element)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(num) // np.asarray(per_element))

@@ -110,3 +110,16 @@ def test_format_validation():
     FixedPointFormat(radix_bits=50, int_bits=20)
   fmt = FixedPointFormat(radix_bits=40, int_bits=20)
   assert fmt.resolution == 2.0**-40 and fmt.max_abs == 2.0**20
+
+
+def test_float16_subnormals_are_rounded_once():
+  # Below 2**-14 float16 is subnormal (spacing 2**-24); NumPy's float64 -> float16
+  # conversion is correctly rounded, and k * 2**-46 is exact in float64 here.
+  rng = np.random.default_rng(4)
+  ks = [int(v) for v in rng.integers(-(2**33), 2**33, size=2000)]
+  ks += [3 * 2**21, 5 * 2**21, 2**21, -(3 * 2**21)]  # exact ties at the subnormal spacing
+  hi = np.array([k >> 32 for k in ks], np.int32)
+  lo = np.array([k & 0xFFFFFFFF for k in ks], np.uint32)
+  got = np.asarray(FMT.to_float(Fixed(jnp.asarray(hi), jnp.asarray(lo)), jnp.float16))
+  want = np.array([k * 2.0**-46 for k in ks]).astype(np.float16)
+  np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
