@@ -183,9 +183,7 @@ def multiply(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
     # X = head * 2**k + r;  c = X mod M (24 bits);  X // M = head >> 8.
     c = ((head & 0xFF).astype(U32) << k) | r
     first = c < boundary
-    s = jnp.where(
-      first, _floor_div_small(c, a + 1), rr + _floor_div_small(c - boundary, a)
-    )
+    s = jnp.where(first, _floor_div_small(c, a + 1), rr + _floor_div_small(c - boundary, a))
     f, cdf = _freq_cdf(s, a, rr, boundary)
     # rANS decode: head' = f * (X // M) + c - cdf < f * 2**48 <= 2**64 for head < 2**56.
     head = f.astype(U64) * (head >> 8) + (c - cdf).astype(U64)

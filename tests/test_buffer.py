@@ -136,7 +136,7 @@ def test_symbol_division_is_exact_for_every_divisor_form():
   for d in dens:
     multiples = (np.asarray(num) // d) * d  # exact multiples are where a reciprocal fails
     np.testing.assert_array_equal(np.asarray(by_scalar(jnp.uint32(d))), multiples // d)
-    got = jax.jit(lambda: buffer_lib._floor_div_small(num, jnp.uint32(d)))()
+    got = jax.jit(lambda d=d: buffer_lib._floor_div_small(num, jnp.uint32(d)))()
     np.testing.assert_array_equal(np.asarray(got), np.asarray(num) // d)
   per_element = jnp.asarray(rng.integers(256, 2**16 + 2, size=num.shape), jnp.uint32)
   got = jax.jit(buffer_lib._floor_div_small)(num, per_element)
