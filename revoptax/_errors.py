@@ -52,6 +52,14 @@ MESSAGES = {
     "fold_in(key, step)), or the gradient compiled differently in the two passes (wrap it in "
     "revoptax.isolated in both)."
   ),
+  "drift_step": (
+    "nondeterministic gradient detected: at step {step} the gradient recomputed in the "
+    "backward pass differs from the forward pass, so the reversal would give a wrong "
+    "hypergradient. Causes: nondeterministic GPU kernels (set XLA_FLAGS="
+    "--xla_gpu_deterministic_ops=true), vmap or sharding applied to only one pass, "
+    "stateful randomness or host callbacks in loss_fn (use the key option, which replays "
+    "fold_in(key, step)), or a loss whose compiled gradient depends on its surroundings."
+  ),
   "initial": (
     "the reversal did not end at the initial exact state (leaf {leaf}); the hypergradient "
     "is not trustworthy. This indicates a nondeterministic loss_fn; see the drift check."

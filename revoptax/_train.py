@@ -2,7 +2,7 @@
 
 Forward: ``num_steps`` exact momentum-SGD steps (see :mod:`revoptax._sgd`),
 keeping only the final exact state, the information buffer and a 32-bit
-fingerprint per step and leaf.  Backward (Maclaurin et al. 2015, Algorithm 2),
+fingerprint per step (all leaves).  Backward (Maclaurin et al. 2015, Algorithm 2),
 for ``t = T-1 .. 0``::
 
     w_t  = w_{t+1} - Q(alpha_t F(v_{t+1}))                 exact
@@ -29,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from revoptax import _buffer as buffer_lib
 from revoptax import _errors
-from revoptax._determinism import fingerprint, isolated
+from revoptax._determinism import fingerprint_all, isolated
 from revoptax._fixed_point import FixedPointFormat, _compute_dtype
 from revoptax._sgd import (
   MomentumSGDRule,
@@ -65,6 +66,8 @@ class _Config:
   check_drift: bool
   on_drift: str
   unroll: int
+  alpha_of: tuple[int, ...]  # leaf -> index of its learning-rate schedule among the distinct ones
+  gamma_of: tuple[int, ...]
 
   def __hash__(self):
     return id(self)
@@ -198,7 +201,12 @@ def train(
   _check_no_closure(loss_fn, params, hparams, batches, key)
   h_float, h_other, h_split = _split(hparams)
   b_float, b_other, b_split = _split(batches)
+  # A schedule shared by several leaves is passed (and its cotangent returned) once.
+  alphas, alpha_of = _unique(alphas)
+  gammas, gamma_of = _unique(gammas)
   config = _Config(
+    alpha_of=alpha_of,
+    gamma_of=gamma_of,
     loss_fn=loss_fn,
     rule=rule,
     num_steps=num_steps,
@@ -274,6 +282,18 @@ def _schedule(fn, hparams, ts, params, what):
       )
     out.append(v)
   return out
+
+
+def _unique(values):
+  """Distinct arrays of ``values`` (by identity) and each value's index among them."""
+  distinct, index = [], []
+  for v in values:
+    j = next((j for j, d in enumerate(distinct) if d is v), None)
+    if j is None:
+      j = len(distinct)
+      distinct.append(v)
+    index.append(j)
+  return distinct, tuple(index)
 
 
 def _split(tree):
@@ -356,8 +376,8 @@ def _forward(config: _Config, params, alphas, gammas, h_float, b_float, h_other,
     batch_o = _slice(b_other, b_t)
     g = grad(p_t, h_float, batch_f, batch_o, _step_key(config, key, t))
     new_exact, flags = [], {}
-    for leaf, g_i, a, m in zip(exact, g, alphas, gammas):
-      new_leaf, f = rule.step_leaf(leaf, g_i, a[t], m[t], t)
+    for leaf, g_i, i, j in zip(exact, g, config.alpha_of, config.gamma_of):
+      new_leaf, f = rule.step_leaf(leaf, g_i, alphas[i][t], gammas[j][t], t)
       new_exact.append(new_leaf)
       for k, v in f.items():
         flags.setdefault(k, []).append(v)
@@ -365,7 +385,7 @@ def _forward(config: _Config, params, alphas, gammas, h_float, b_float, h_other,
       k: jnp.where((fails[k] < 0) & jnp.stack(flags[k]), t, fails[k]).astype(jnp.int32)
       for k in fails
     }
-    prints = jnp.stack([fingerprint(g_i) for g_i in g]) if config.check_drift else None
+    prints = fingerprint_all(g) if config.check_drift else None
     p_next = [rule.params(leaf, d) for leaf, d in zip(new_exact, config.dtypes)]
     return (new_exact, p_next, fails), prints
 
@@ -390,31 +410,51 @@ def _outputs(config, exact):
   return w, v
 
 
-def _run_fwd(config, params, alphas, gammas, h_float, b_float, h_other, b_other, key):
+def _run_fwd(config, *args):
+  # symbolic_zeros=True: every argument leaf arrives as CustomVJPPrimal(value,
+  # perturbed). Cotangents are only computed for hparams and batches that are
+  # being differentiated (usually not the training data, whose cotangent costs
+  # a matmul and a read-modify-write of the data array per step).
+  values = jax.tree.map(lambda x: x.value, args, is_leaf=_is_primal)
+  perturbed = jax.tree.map(lambda x: x.perturbed, args, is_leaf=_is_primal)
+  params, alphas, gammas, h_float, b_float, h_other, b_other, key = values
   exact, prints = _forward(config, params, alphas, gammas, h_float, b_float, h_other, b_other, key)
+  # Which cotangents are needed is static: encode it in the residuals' structure.
+  needs = tuple((None,) if any(jax.tree.leaves(perturbed[i])) else () for i in (3, 4))
   residuals = (exact, prints, params, alphas, gammas, h_float, b_float, h_other, b_other, key)
-  return _outputs(config, exact), residuals
+  return _outputs(config, exact), (residuals, needs)
 
 
-def _run_bwd(config, residuals, cotangents):
+def _is_primal(x):
+  return isinstance(x, CustomVJPPrimal)
+
+
+def _dense(cotangent, dtype):
+  if isinstance(cotangent, SymbolicZero):
+    return jnp.zeros(cotangent.shape, dtype)
+  return jnp.asarray(cotangent, dtype)
+
+
+def _run_bwd(config, saved, cotangents):
+  residuals, (need_h, need_b) = saved
   exact, prints, params0, alphas, gammas, h_float, b_float, h_other, b_other, key = residuals
+  need_h, need_b = bool(need_h), bool(need_b)
   rule = config.rule
   grad = _grad_fn(config, h_other, b_other)
   d_w, d_v = cotangents
   cds = [_compute_dtype(d) for d in config.dtypes]
-  d_w = [jnp.asarray(x, cd) for x, cd in zip(d_w, cds)]
-  if config.return_velocity:
-    d_v = [jnp.asarray(x, cd) for x, cd in zip(d_v, cds)]
-  else:
+  d_w = [_dense(x, cd) for x, cd in zip(d_w, cds)]
+  d_v = [_dense(x, cd) for x, cd in zip(d_v, cds)]
+  if not config.return_velocity:
     d_v = [jnp.zeros_like(x) for x in d_w]
-  d_h = [jnp.zeros_like(x) for x in h_float]
-  d_b = [jnp.zeros_like(x) for x in b_float]
-  num_leaves = len(exact)
-  drift0 = jnp.full((num_leaves,), -1, jnp.int32)
+  d_h = [jnp.zeros_like(x) for x in h_float] if need_h else []
+  d_b = [jnp.zeros_like(x) for x in b_float] if need_b else []
+  drift0 = jnp.full((), -1, jnp.int32)  # first step (from the end) whose gradient differs
 
   def unstep_position(exact, t):
     exact = [
-      rule.unstep_position_leaf(leaf, a[t], d) for leaf, a, d in zip(exact, alphas, config.dtypes)
+      rule.unstep_position_leaf(leaf, alphas[i][t], d)
+      for leaf, i, d in zip(exact, config.alpha_of, config.dtypes)
     ]
     return exact, [rule.params(leaf, d) for leaf, d in zip(exact, config.dtypes)]
 
@@ -425,19 +465,28 @@ def _run_bwd(config, residuals, cotangents):
     b_t = t % config.num_batches
     batch_f = _slice(b_float, b_t)
     batch_o = _slice(b_other, b_t)
-    alpha_t = [a[t] for a in alphas]
-    gamma_t = [m[t] for m in gammas]
+    alpha_t = [alphas[i][t] for i in config.alpha_of]
+    gamma_t = [gammas[j][t] for j in config.gamma_of]
     key_t = _step_key(config, key, t)
-    g, hvp = jax.vjp(lambda p, h, bf: grad(p, h, bf, batch_o, key_t), p_t, h_float, batch_f)
+    g, hvp = jax.vjp(
+      lambda p, h, bf: grad(p, h if need_h else h_float, bf if need_b else batch_f, batch_o, key_t),
+      p_t,
+      h_float if need_h else [],
+      batch_f if need_b else [],
+    )
     if config.check_drift:
-      now = jnp.stack([fingerprint(g_i) for g_i in g])
-      drift = jnp.where((drift < 0) & (now != prints[t]), t, drift).astype(jnp.int32)
+      drift = jnp.where((drift < 0) & (fingerprint_all(g) != prints[t]), t, drift)
     exact = [
       rule.unstep_velocity_leaf(leaf, g_i, m, t, clear_popped=False)
       for leaf, g_i, m in zip(exact, g, gamma_t)
     ]
-    new_d_w, new_d_v, d_g, d_alpha, d_gamma = [], [], [], [], []
-    for leaf, p, g_i, a, m, dw, dv, cd in zip(exact, p_t, g, alpha_t, gamma_t, d_w, d_v, cds):
+    new_d_w, new_d_v, d_g = [], [], []
+    d_alpha = [jnp.zeros_like(a[t]) for a in alphas]
+    d_gamma = [jnp.zeros_like(m[t]) for m in gammas]
+    leaf_args = zip(
+      exact, p_t, g, alpha_t, gamma_t, d_w, d_v, cds, config.alpha_of, config.gamma_of
+    )
+    for leaf, p, g_i, a, m, dw, dv, cd, i, j in leaf_args:
       w_f = p.astype(cd)
       v_f = rule.fixed.to_float(leaf.v, cd)
       m_q = rule.applied_momentum(m, cd)
@@ -446,8 +495,8 @@ def _run_bwd(config, residuals, cotangents):
       new_d_w.append(dw_i)
       new_d_v.append(dv_i)
       d_g.append(dg_i.astype(g_i.dtype))
-      d_alpha.append(da_i.astype(a.dtype))
-      d_gamma.append(dm_i.astype(m.dtype))
+      d_alpha[i] = d_alpha[i] + da_i.astype(a.dtype)
+      d_gamma[j] = d_gamma[j] + dm_i.astype(m.dtype)
     dp_hvp, dh_hvp, db_hvp = hvp(d_g)
     d_w = [x + y.astype(x.dtype) for x, y in zip(new_d_w, dp_hvp)]
     d_h = [x + y for x, y in zip(d_h, dh_hvp)]
@@ -463,17 +512,20 @@ def _run_bwd(config, residuals, cotangents):
     ]
     return (exact, p_prev, d_w, new_d_v, d_h, d_b, drift), (d_alpha, d_gamma)
 
-  ts = jnp.arange(config.num_steps - 1, -1, -1)
   exact, p_last = unstep_position(exact, config.num_steps - 1)
+  # reverse=True runs t = T-1, ..., 0 and stacks the per-step cotangents in
+  # step order (no reversed copy).
   (exact, _, d_w, d_v, d_h, d_b, drift), (d_alphas, d_gammas) = lax.scan(
-    body, (exact, p_last, d_w, d_v, d_h, d_b, drift0), ts, unroll=config.unroll
+    body,
+    (exact, p_last, d_w, d_v, d_h, d_b, drift0),
+    jnp.arange(config.num_steps),
+    reverse=True,
+    unroll=config.unroll,
   )
-  d_alphas = [x[::-1] for x in d_alphas]
-  d_gammas = [x[::-1] for x in d_gammas]
 
   codes = {}
   if config.check_drift:
-    codes["drift"] = drift
+    codes["drift_step"] = drift[None]
     initial = []
     for leaf, p in zip(exact, params0):
       w0, _ = rule.fixed.from_float(p)
@@ -491,7 +543,7 @@ def _run_bwd(config, residuals, cotangents):
     codes["initial"] = jnp.stack(initial)
   failed = jnp.zeros((), bool)
   if codes:
-    failed = jnp.any(codes["drift"] >= 0) | jnp.any(codes["initial"])
+    failed = jnp.any(codes["drift_step"] >= 0) | jnp.any(codes["initial"])
     if config.on_drift == "raise":
       _errors.raise_on_failure(codes, config.leaf_names, API)
     else:
@@ -512,8 +564,8 @@ def _run_bwd(config, residuals, cotangents):
     d_params,
     [poison(x) for x in d_alphas],
     [poison(x) for x in d_gammas],
-    [poison(x) for x in d_h],
-    [poison(x) for x in d_b],
+    [poison(x) for x in d_h] if need_h else [None for _ in h_float],
+    [poison(x) for x in d_b] if need_b else [None for _ in b_float],
     [None for _ in h_other],
     [None for _ in b_other],
     None,
@@ -521,4 +573,4 @@ def _run_bwd(config, residuals, cotangents):
   return out
 
 
-_run.defvjp(_run_fwd, _run_bwd)
+_run.defvjp(_run_fwd, _run_bwd, symbolic_zeros=True)

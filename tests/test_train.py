@@ -30,6 +30,18 @@ def test_hypergradients_match_scan_oracle_in_float32():
   assert max(errors.values()) <= 1e-4, errors
 
 
+def test_data_cotangent_is_skipped_when_data_is_not_differentiated():
+  """Only differentiated inputs get cotangents; the others' hypergradients are unchanged."""
+  val_loss, hp = oracle.meta_problem(jnp.float32, num_steps=20)
+  train_fn = oracle.revoptax_train_fn()
+  with_data = jax.jit(jax.grad(lambda h: val_loss(h, train_fn)))(hp)
+  data = hp.pop("train_x")
+  without = jax.jit(jax.grad(lambda h: val_loss({**h, "train_x": data}, train_fn)))(hp)
+  for path, got in jax.tree_util.tree_leaves_with_path(without):
+    want = dict(jax.tree_util.tree_leaves_with_path(with_data))[path]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-9)
+
+
 def digits_meta(num_steps, gamma=0.9):
   """The digits MLP 64-50-50-10 meta-problem of the baselines (shared/reference)."""
   xb, yb, xv, yv = digits_data()
