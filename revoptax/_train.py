@@ -475,7 +475,7 @@ def _run_bwd(config, saved, cotangents):
       batch_f if need_b else [],
     )
     if config.check_drift:
-      drift = jnp.where((drift < 0) & (fingerprint_all(g) != prints[t]), t, drift)
+      drift = jnp.where((drift < 0) & (fingerprint_all(g) != prints[t]), t, drift).astype(jnp.int32)
     exact = [
       rule.unstep_velocity_leaf(leaf, g_i, m, t, clear_popped=False)
       for leaf, g_i, m in zip(exact, g, gamma_t)
