@@ -197,8 +197,12 @@ def targets_section(hyper, steps) -> list[str]:
       if result is None:
         continue
       value = result.get("ratio")
+      nan_value = result.get("ratio_nan")
       if value is not None:
         measured = f"{value:.2f}×"
+        if nan_value is not None:
+          measured += f' (`on_error="nan"`: {nan_value:.2f}×)'
+          value = min(value, nan_value)
       else:
         measured = "; ".join(
           f"{name}: {r['error']}"
@@ -320,8 +324,9 @@ def steps_section(steps) -> list[str]:
     f"{s['steps']} steps, per step. revoptax source: "
     f"`{steps.get('machine', {}).get('revoptax_source', 'unrecorded')}`.",
     "",
-    "| loop | `optax.sgd` µs/step | `reversible_sgd` µs/step | ratio |",
-    "|---|---|---|---|",
+    "| loop | `optax.sgd` µs/step | `reversible_sgd` µs/step | ratio "
+    '| `reversible_sgd(on_error="nan")` µs/step | ratio |',
+    "|---|---|---|---|---|---|",
   ]
 
   def cell(result):
@@ -329,11 +334,15 @@ def steps_section(steps) -> list[str]:
       return f"{result['median_s'] * 1e6:.0f}"
     return "fails: " + result["error"].replace("|", "\\|")
 
+  def ratio(result, key):
+    return f"{result[key]:.2f}×" if key in result else "–"
+
   for loop, result in steps["loops"].items():
-    ratio = f"{result['ratio']:.2f}×" if "ratio" in result else "–"
+    nan_cell = cell(result["reversible_sgd_nan"]) if "reversible_sgd_nan" in result else "–"
     lines.append(
       f"| {LOOP_NAMES.get(loop, loop)} | {cell(result['optax_sgd'])} | "
-      f"{cell(result['reversible_sgd'])} | {ratio} |"
+      f"{cell(result['reversible_sgd'])} | {ratio(result, 'ratio')} | {nan_cell} | "
+      f"{ratio(result, 'ratio_nan')} |"
     )
   lines.append("")
   diagnostics = steps.get("diagnostics")

@@ -12,6 +12,7 @@ from revoptax._sgd import (
   MomentumSGDRule,
   ReversibleSGDState,
   ReversibleTransformation,
+  check,
   reversible_sgd,
 )
 from revoptax._train import train
@@ -27,6 +28,7 @@ __all__ = [
   "ReversibleSGDState",
   "ReversibleTransformation",
   "reversible_sgd",
+  "check",
   "train",
   "fingerprint",
   "isolated",

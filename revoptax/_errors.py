@@ -126,3 +126,38 @@ def raise_on_failure(
     jax.debug.callback(host, step, *values)
 
   jax.lax.cond(failed, call, lambda: None)
+
+
+CATEGORIES = tuple(MESSAGES)
+
+
+def failure_code(codes: dict[str, jax.Array], step) -> jax.Array:
+  """``int32[3]``: (category index, step, leaf) of the first failure in ``codes``, else -1s.
+
+  ``codes`` maps categories to ``bool[leaves]`` (True = failed at ``step``);
+  works on traced values, with no host callback.
+  """
+  flags = jnp.stack([jnp.asarray(codes[k], bool) for k in codes])
+  categories = jnp.asarray([CATEGORIES.index(k) for k in codes], jnp.int32)
+  per_category = jnp.any(flags, axis=1)
+  first = jnp.argmax(per_category)
+  code = jnp.stack(
+    [categories[first], jnp.asarray(step, jnp.int32), jnp.argmax(flags[first]).astype(jnp.int32)]
+  )
+  return jnp.where(jnp.any(per_category), code, -1).astype(jnp.int32)
+
+
+def raise_recorded(code, leaf_names: Sequence[str], api: str) -> None:
+  """Raise :class:`ReversibilityError` for a :func:`failure_code` that records a failure."""
+  names = tuple(leaf_names)
+
+  def host(code):
+    category, step, leaf = (int(x) for x in np.asarray(code))
+    if category >= 0:
+      message = MESSAGES[CATEGORIES[category]].format(leaf=names[leaf], step=step)
+      raise ReversibilityError(f"{api}: {message}")
+
+  if not isinstance(code, jax.core.Tracer):
+    host(code)
+    return
+  jax.lax.cond(code[0] >= 0, lambda: jax.debug.callback(host, code), lambda: None)

@@ -231,6 +231,8 @@ class ReversibleSGDState(NamedTuple):
 
   Attributes:
     step: ``int32[]`` number of updates applied.
+    error: ``int32[3]``: ``(category, step, leaf)`` of the first failed check
+      recorded with ``on_error="nan"``, or ``-1`` s (see :func:`check`).
     w_hi, w_lo, v_hi, v_lo: fixed-point words of the weights and velocity.
     head_hi, head_lo, stack, row_step, buffer_size: the information buffer
       (:class:`revoptax._buffer.BufferState` of each leaf).
@@ -241,6 +243,7 @@ class ReversibleSGDState(NamedTuple):
   """
 
   step: jax.Array
+  error: jax.Array
   w_hi: Any
   w_lo: Any
   v_hi: Any
@@ -257,12 +260,13 @@ class ReversibleSGDState(NamedTuple):
   grad_print: Any
 
 
-def _pack(step, treedef, exact, logs, prints) -> ReversibleSGDState:
+def _pack(step, error, treedef, exact, logs, prints) -> ReversibleSGDState:
   def tree(values):
     return treedef.unflatten(list(values))
 
   return ReversibleSGDState(
     step=step,
+    error=error,
     w_hi=tree(e.w.hi for e in exact),
     w_lo=tree(e.w.lo for e in exact),
     v_hi=tree(e.v.hi for e in exact),
@@ -282,7 +286,7 @@ def _pack(step, treedef, exact, logs, prints) -> ReversibleSGDState:
 
 def _unpack(state: ReversibleSGDState):
   """``(treedef, exact leaves, log leaves)`` of a state."""
-  f = {name: jax.tree.leaves(getattr(state, name)) for name in state._fields[1:]}
+  f = {name: jax.tree.leaves(getattr(state, name)) for name in state._fields[2:]}
   exact = [
     ExactLeaf(Fixed(*a), Fixed(*b), buffer_lib.BufferState(*c))
     for a, b, c in zip(
@@ -328,6 +332,7 @@ def reversible_sgd(
   momentum_bits: int = 16,
   momentum_floor: float | None = None,
   param_log_capacity: int | None = None,
+  on_error: str = "raise",
 ) -> ReversibleTransformation:
   r"""Exactly reversible momentum SGD (Maclaurin et al., 2015).
 
@@ -362,6 +367,14 @@ def reversible_sgd(
     param_log_capacity: entries per leaf of the log of params that differed
       from the exact weights (default ``256 + size * max_steps / 250``: measured
       peaks are 0.3% of element updates early in training at learning rate 1).
+    on_error: what a failed check in ``update`` does (non-finite gradient,
+      fixed-point overflow, buffer or log capacity).  ``"raise"`` (default):
+      raise :class:`revoptax.ReversibilityError` naming the step and leaf (a
+      ``JaxRuntimeError`` under ``jit``; it puts a host callback in every
+      update, which costs about 4 ms per jitted call on CPU).  ``"nan"``: no
+      callback; the first failure is recorded in ``state.error``, every later
+      update is NaN (so the params become NaN), and :func:`revoptax.check` or
+      ``inverse`` raises the message.
 
   Returns:
     A :class:`ReversibleTransformation` (an ``optax.GradientTransformationExtraArgs``).
@@ -383,6 +396,8 @@ def reversible_sgd(
     through Reversible Learning", ICML 2015, https://arxiv.org/abs/1502.03492
   """
   api = "revoptax.reversible_sgd"
+  if on_error not in ("raise", "nan"):
+    raise ValueError(f"{api}: on_error must be 'raise' or 'nan', got {on_error!r}.")
   if not isinstance(max_steps, (int, np.integer)) or max_steps <= 0:
     raise ValueError(f"{api}: max_steps must be a positive int, got {max_steps!r}.")
   if momentum_floor is not None and not 0 < momentum_floor < 1:
@@ -413,7 +428,8 @@ def reversible_sgd(
       for p in leaves
     ]
     prints = [jnp.zeros((max_steps,), jnp.uint32) for _ in leaves]
-    return _pack(jnp.zeros((), jnp.int32), treedef, exact, logs, prints)
+    no_error = jnp.full((3,), -1, jnp.int32)
+    return _pack(jnp.zeros((), jnp.int32), no_error, treedef, exact, logs, prints)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -444,17 +460,23 @@ def reversible_sgd(
     codes = {key: jnp.stack(values) for key, values in flags.items()}
     if log_ok:
       codes["param_log"] = ~jnp.stack(log_ok)
-    _errors.raise_on_failure(codes, names, api, step=t)
     new_updates = [
       rule.params(leaf, g.dtype) - jnp.asarray(u).astype(g.dtype)
       for leaf, g, u in zip(new_exact, grads, used)
     ]
-    new_state = _pack(t + 1, treedef, new_exact, logs, prints)
+    error = state.error
+    if on_error == "raise":
+      _errors.raise_on_failure(codes, names, api, step=t)
+    else:  # no host callback: record the failure and poison the updates
+      error = jnp.where(error[0] >= 0, error, _errors.failure_code(codes, t))
+      new_updates = [jnp.where(error[0] >= 0, jnp.nan, u) for u in new_updates]
+    new_state = _pack(t + 1, error, treedef, new_exact, logs, prints)
     return treedef.unflatten(new_updates), new_state
 
   def inverse_fn(state, grad_fn):
     t = state.step - 1
     treedef, exact, logs, prints = _unpack(state)
+    _errors.raise_recorded(state.error, leaf_names(state.w_hi), api + " inverse")
     template = treedef.unflatten([0] * treedef.num_leaves)
     alphas = _spec_leaves(learning_rate, template)
     gammas = _spec_leaves(momentum, template)
@@ -483,7 +505,7 @@ def reversible_sgd(
       rule.unstep_velocity_leaf(leaf, g, _value_at(m, t), t)
       for leaf, g, m in zip(exact, grads, gammas)
     ]
-    previous = _pack(t, treedef, exact, logs, prints)
+    previous = _pack(t, state.error, treedef, exact, logs, prints)
     return previous, params
 
   return ReversibleTransformation(init_fn, update_fn, inverse_fn)
@@ -498,3 +520,27 @@ def _check_dtypes(leaves, names, api):
         "parameters (float16, bfloat16, float32 or float64). Keep integer state out of "
         "the params passed to the optimizer (e.g. nnx.Optimizer(..., wrt=nnx.Param))."
       )
+
+
+def check(state: ReversibleSGDState) -> None:
+  """Raise if ``state`` recorded a failed update (``reversible_sgd(..., on_error="nan")``).
+
+  Call it outside ``jit`` (for example every few hundred steps, or before
+  reversing): it reads ``state.error`` on the host.
+
+  Raises:
+    revoptax.ReversibilityError: naming the check, step and leaf that failed.
+
+  Example:
+    >>> import jax.numpy as jnp, revoptax
+    >>> tx = revoptax.reversible_sgd(0.1, 0.9, max_steps=10, on_error="nan")
+    >>> state = tx.init({"w": jnp.ones(2)})
+    >>> updates, state = tx.update({"w": jnp.array([1.0, jnp.nan])}, state)
+    >>> bool(jnp.isnan(updates["w"]).all())
+    True
+    >>> revoptax.check(state)
+    Traceback (most recent call last):
+    ...
+    revoptax._errors.ReversibilityError: revoptax.reversible_sgd: the training gradient ...
+  """
+  _errors.raise_recorded(np.asarray(state.error), leaf_names(state.w_hi), "revoptax.reversible_sgd")

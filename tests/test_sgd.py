@@ -242,3 +242,36 @@ def test_buffer_capacity_exceeded_raises():
       u, state = step(params, state)
       params = optax.apply_updates(params, u)
       jax.block_until_ready(params)
+
+
+def test_on_error_nan_records_the_failure_without_a_host_callback():
+  tx = revoptax.reversible_sgd(1e4, 0.5, max_steps=100, on_error="nan")
+  params = {"a": jnp.ones(2), "w": jnp.ones(3)}
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(lambda q: jnp.sum(q["w"] ** 4))(p), s, p))
+  assert "callback" not in step.lower(params, state).as_text()  # the point of "nan"
+  for _ in range(30):  # diverges: the fixed-point range is exceeded in leaf w
+    u, state = step(params, state)
+    params = optax.apply_updates(params, u)
+  category, failed_at, leaf = (int(x) for x in state.error)
+  assert failed_at < 29 and leaf == 1
+  assert all(bool(jnp.isnan(x).all()) for x in jax.tree.leaves(params))  # loud, never silent
+  with pytest.raises(
+    revoptax.ReversibilityError, match=f"overflow in leaf \\['w'\\] at step {failed_at}"
+  ):
+    revoptax.check(state)
+  with pytest.raises(Exception, match="overflow in leaf"):
+    jax.block_until_ready(jax.jit(tx.inverse, static_argnums=1)(state, lambda p: p))
+
+
+def test_on_error_nan_is_silent_while_training_is_fine():
+  params = mixed_params()
+  tx = revoptax.reversible_sgd(0.1, 0.9, max_steps=5, on_error="nan")
+  state = tx.init(params)
+  for t in range(5):
+    u, state = tx.update(jax.grad(mixed_loss)(params, t), state, params)
+    params = optax.apply_updates(params, u)
+  revoptax.check(state)  # nothing recorded
+  assert [int(x) for x in state.error] == [-1, -1, -1]
+  with pytest.raises(ValueError, match="on_error must be 'raise' or 'nan'"):
+    revoptax.reversible_sgd(0.1, 0.9, max_steps=5, on_error="warn")
