@@ -22,29 +22,29 @@ class ReversibilityError(ValueError):
 
 MESSAGES = {
   "nonfinite": (
-    "the training gradient of {leaf} is not finite at step {step}. Check loss_fn for "
+    "the training gradient of leaf {leaf} is not finite at step {step}. Check loss_fn for "
     "NaN/inf, lower the learning rate, or clip gradients inside loss_fn."
   ),
   "range": (
-    "fixed-point overflow in {leaf} at step {step}: a weight, velocity or update left "
+    "fixed-point overflow in leaf {leaf} at step {step}: a weight, velocity or update left "
     "the range |x| < 2**int_bits. Training is diverging (lower the learning rate), or the "
     "values need a wider range: raise int_bits (radix_bits + int_bits <= 62)."
   ),
   "momentum": (
-    "momentum of {leaf} at step {step} is not finite. Momentum must lie in (0, 1)."
+    "momentum of leaf {leaf} at step {step} is not finite. Momentum must lie in (0, 1)."
   ),
   "buffer": (
-    "information buffer capacity exceeded for {leaf} at step {step}. The capacity is "
+    "information buffer capacity exceeded for leaf {leaf} at step {step}. The capacity is "
     "static: raise max_steps, or lower momentum_floor (the smallest momentum the schedule "
     "will use), or pass buffer_rows explicitly."
   ),
   "param_log": (
-    "too many parameters of {leaf} differed from the optimizer's exact value at step "
+    "too many parameters of leaf {leaf} differed from the optimizer's exact value at step "
     "{step} (param_log_capacity exceeded). Were the params changed outside the optimizer? "
     "Otherwise raise param_log_capacity."
   ),
   "drift": (
-    "nondeterministic gradient detected: at step {step} the gradient of {leaf} "
+    "nondeterministic gradient detected: at step {step} the gradient of leaf {leaf} "
     "recomputed in the backward pass differs from the forward pass, so the reversal would "
     "give a wrong hypergradient. Causes: nondeterministic GPU kernels (set XLA_FLAGS="
     "--xla_gpu_deterministic_ops=true), vmap or sharding applied to only one pass, "
@@ -61,19 +61,10 @@ MESSAGES = {
     "fold_in(key, step)), or a loss whose compiled gradient depends on its surroundings."
   ),
   "initial": (
-    "the reversal did not end at the initial exact state ({leaf}); the hypergradient "
+    "the reversal did not end at the initial exact state (leaf {leaf}); the hypergradient "
     "is not trustworthy. This indicates a nondeterministic loss_fn; see the drift check."
   ),
 }
-
-
-GROUP_SEPARATOR = " + "  # joins the names of leaves checked as one group
-
-
-def _describe(name: str) -> str:
-  if GROUP_SEPARATOR in name:
-    return "one of the leaves " + name.replace(GROUP_SEPARATOR, ", ")
-  return "leaf " + name
 
 
 def _first_failure(codes: dict[str, np.ndarray], leaf_names: Sequence[str], step_offset: int):
@@ -115,7 +106,7 @@ def raise_on_failure(
     if found is None:
       return
     category, leaf, bad_step = found
-    message = f"{api}: " + MESSAGES[category].format(leaf=_describe(leaf), step=bad_step)
+    message = f"{api}: " + MESSAGES[category].format(leaf=leaf, step=bad_step)
     if on_failure is not None:
       on_failure(message)
     else:
@@ -163,7 +154,7 @@ def raise_recorded(code, leaf_names: Sequence[str], api: str) -> None:
   def host(code):
     category, step, leaf = (int(x) for x in np.asarray(code))
     if category >= 0:
-      message = MESSAGES[CATEGORIES[category]].format(leaf=_describe(names[leaf]), step=step)
+      message = MESSAGES[CATEGORIES[category]].format(leaf=names[leaf], step=step)
       raise ReversibilityError(f"{api}: {message}")
 
   if not isinstance(code, jax.core.Tracer):

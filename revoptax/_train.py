@@ -20,7 +20,6 @@ step), the fingerprints and the ``[T]`` schedules.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -202,23 +201,18 @@ def train(
   _check_no_closure(loss_fn, params, hparams, batches, key)
   h_float, h_other, h_split = _split(hparams)
   b_float, b_other, b_split = _split(batches)
-  packing = _Packing.of(leaves, names, alphas, gammas)
-  packed_loss = packing.wrap_loss(loss_fn, treedef)
-  leaves, names = packing.pack(leaves), packing.names
-  alphas, gammas = packing.first_of_group(alphas), packing.first_of_group(gammas)
-  rows = tuple(max(rows[i] for i in group) for group in packing.groups)
   # A schedule shared by several leaves is passed (and its cotangent returned) once.
   alphas, alpha_of = _unique(alphas)
   gammas, gamma_of = _unique(gammas)
   config = _Config(
     alpha_of=alpha_of,
     gamma_of=gamma_of,
-    loss_fn=packed_loss,
+    loss_fn=loss_fn,
     rule=rule,
     num_steps=num_steps,
     num_batches=num_batches,
     rows=rows,
-    params_treedef=jax.tree.structure(leaves),
+    params_treedef=treedef,
     leaf_names=names,
     dtypes=tuple(jnp.asarray(x).dtype for x in leaves),
     hparams_int=h_split,
@@ -230,66 +224,10 @@ def train(
     unroll=unroll,
   )
   w_T, v_T = _run(config, leaves, alphas, gammas, h_float, b_float, h_other, b_other, key)
-  w_T = jax.tree.unflatten(treedef, packing.unpack(w_T))
+  w_T = jax.tree.unflatten(treedef, w_T)
   if return_velocity:
-    return w_T, jax.tree.unflatten(treedef, packing.unpack(v_T))
+    return w_T, jax.tree.unflatten(treedef, v_T)
   return w_T
-
-
-@dataclasses.dataclass(frozen=True)
-class _Packing:
-  """Leaves trained as one concatenated vector: same dtype and the same scalar schedules.
-
-  Every exact operation is elementwise, so concatenating leaves changes no
-  value; it replaces one set of small loops per leaf by one set per group
-  (XLA launches each fused loop separately, so many small leaves cost more
-  than one long vector: measured on the digits MLP, 6 leaves -> 1 group).
-  Leaves with per-element schedules stay alone.
-  """
-
-  groups: tuple[tuple[int, ...], ...]
-  shapes: tuple[tuple[int, ...], ...]
-  names: tuple[str, ...]
-
-  @staticmethod
-  def of(leaves, names, alphas, gammas):
-    keys = {}
-    for i, (leaf, a, m) in enumerate(zip(leaves, alphas, gammas)):
-      scalar = a.ndim == 1 and m.ndim == 1  # one value per step for the whole leaf
-      key = (jnp.asarray(leaf).dtype, id(a), id(m)) if scalar else i
-      keys.setdefault(key, []).append(i)
-    groups = tuple(tuple(g) for g in keys.values())
-    group_names = tuple(_errors.GROUP_SEPARATOR.join(names[i] for i in g) for g in groups)
-    return _Packing(groups, tuple(np.shape(x) for x in leaves), group_names)
-
-  def pack(self, leaves):
-    return [
-      leaves[g[0]] if len(g) == 1 else jnp.concatenate([jnp.ravel(leaves[i]) for i in g])
-      for g in self.groups
-    ]
-
-  def unpack(self, packed):
-    out = [None] * len(self.shapes)
-    for g, x in zip(self.groups, packed):
-      if len(g) == 1:
-        out[g[0]] = x
-        continue
-      sizes = [math.prod(self.shapes[i]) for i in g]
-      parts = jnp.split(x, np.cumsum(sizes)[:-1])
-      for i, part in zip(g, parts):
-        out[i] = part.reshape(self.shapes[i])
-    return out
-
-  def first_of_group(self, values):
-    return [values[g[0]] for g in self.groups]
-
-  def wrap_loss(self, loss_fn, treedef):
-    """``loss_fn`` taking the list of packed arrays instead of the params tree."""
-
-    def packed_loss(packed, *args):
-      return loss_fn(jax.tree.unflatten(treedef, self.unpack(packed)), *args)
-
-    return packed_loss
 
 
 # ----------------------------------------------------------------------------
