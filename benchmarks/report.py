@@ -118,9 +118,9 @@ def machine_section(hyper, steps, profile) -> list[str]:
     f"- Date of the last hypergradient run: {info.get('date')}",
     f"- Python {info.get('python')}, jax {info.get('jax')}, optax {info.get('optax')}, "
     f"flax {info.get('flax')}; float32 throughout",
-    "- The machine is shared: other jobs (test runs) used the same 2 cores while these numbers "
-    "were taken, so absolute times are noisy by tens of percent; compare ratios measured in the "
-    "same subprocess (each row times its own forward pass).",
+    "- Absolute times on this 2-core virtual machine vary by tens of percent between runs (the "
+    "same row timed minutes apart differed by up to 20 %); compare ratios measured in the same "
+    "subprocess (each row times its own forward pass).",
   ]
   if steps and hyper and steps["machine"].get("date") != hyper["machine"].get("date"):
     lines.append(f"- Step-overhead run: {steps['machine'].get('date')}")
@@ -460,8 +460,8 @@ def render(hyper, steps, profile=None) -> str:
       lines += summary_table(rows, model, gamma)
     lines += [
       "Rows at T = 100,000 are compiled only (XLA memory). Timing revoptax there takes about "
-      "30 minutes on this machine (three runs of 100,000 reversed steps with a 481-row buffer, "
-      "plus the forward runs); `python benchmarks/hypergradient.py --with-100k` does it.",
+      "10 minutes on this machine (three runs of 100,000 reversed steps plus the forward runs, "
+      "at about 1 ms per step); `python benchmarks/hypergradient.py --with-100k` does it.",
       "",
     ]
     if plot_memory(rows):
