@@ -106,7 +106,7 @@ def raise_on_failure(
     if found is None:
       return
     category, leaf, bad_step = found
-    message = f"{api}: " + MESSAGES[category].format(leaf=leaf, step=bad_step)
+    message = _message(api, category, leaf, bad_step)
     if on_failure is not None:
       on_failure(message)
     else:
@@ -114,18 +114,27 @@ def raise_on_failure(
 
   step = jnp.asarray(-1 if step is None else step)
   values = list(codes.values())
-  if not any(isinstance(x, jax.core.Tracer) for x in (step, *values)):
-    host(np.asarray(step), *[np.asarray(x) for x in values])
+
+  def failed():
+    any_failed = jnp.zeros((), bool)
+    for x in values:
+      any_failed = any_failed | (jnp.any(x) if x.dtype == jnp.bool_ else jnp.any(x >= 0))
+    return any_failed
+
+  _check_on_host(host, failed, step, *values)
+
+
+def _message(api: str, category: str, leaf: str, step: int) -> str:
+  return f"{api}: " + MESSAGES[category].format(leaf=leaf, step=step)
+
+
+def _check_on_host(host, failed, *values) -> None:
+  """Run ``host(*values)`` now if the values are concrete; under a trace, run it
+  on the host (``jax.debug.callback`` under ``lax.cond``) only when ``failed()``."""
+  if not any(isinstance(x, jax.core.Tracer) for x in values):
+    host(*(np.asarray(x) for x in values))
     return
-
-  failed = jnp.zeros((), bool)
-  for x in values:
-    failed = failed | (jnp.any(x) if x.dtype == jnp.bool_ else jnp.any(x >= 0))
-
-  def call():
-    jax.debug.callback(host, step, *values)
-
-  jax.lax.cond(failed, call, lambda: None)
+  jax.lax.cond(failed(), lambda: jax.debug.callback(host, *values), lambda: None)
 
 
 CATEGORIES = tuple(MESSAGES)
@@ -154,10 +163,6 @@ def raise_recorded(code, leaf_names: Sequence[str], api: str) -> None:
   def host(code):
     category, step, leaf = (int(x) for x in np.asarray(code))
     if category >= 0:
-      message = MESSAGES[CATEGORIES[category]].format(leaf=names[leaf], step=step)
-      raise ReversibilityError(f"{api}: {message}")
+      raise ReversibilityError(_message(api, CATEGORIES[category], names[leaf], step))
 
-  if not isinstance(code, jax.core.Tracer):
-    host(code)
-    return
-  jax.lax.cond(code[0] >= 0, lambda: jax.debug.callback(host, code), lambda: None)
+  _check_on_host(host, lambda: code[0] >= 0, code)
