@@ -327,18 +327,15 @@ def main(argv=None):
     return
 
   rows = default_rows(args.quick, args.with_100k)
-  if args.only:
-    keep = set(args.only.split(","))
-    rows = [r for r in rows if r["method"] in keep]
-  if args.steps:
-    keep = {int(t) for t in args.steps.split(",")}
-    rows = [r for r in rows if r["T"] in keep]
-  if args.models:
-    keep = set(args.models.split(","))
-    rows = [r for r in rows if r["model"] in keep]
-  if args.gammas:
-    keep = {float(g) for g in args.gammas.split(",")}
-    rows = [r for r in rows if r["gamma"] in keep]
+  for flag, key, parse in (
+    ("only", "method", str),
+    ("steps", "T", int),
+    ("models", "model", str),
+    ("gammas", "gamma", float),
+  ):
+    if getattr(args, flag):
+      keep = {parse(v) for v in getattr(args, flag).split(",")}
+      rows = [r for r in rows if r[key] in keep]
   out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
   out.parent.mkdir(parents=True, exist_ok=True)
   document = {"machine": machine_info(), "settings": vars(args) | {"out": str(out)}, "rows": []}
