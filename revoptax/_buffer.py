@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from revoptax._fixed_point import Fixed, exact_scope, join, split
+from revoptax._fusion import materialize
 
 I32, U32, I64, U64 = jnp.int32, jnp.uint32, "int64", "uint64"
 HEAD_BITS_INITIAL = 32
@@ -160,6 +161,28 @@ def _floor_div_small(num, den):
   return q.astype(U32)
 
 
+def _divmod_u64(num, den):
+  """``(num // den, num % den)`` for ``uint64`` num and ``1 <= den < 2**17``.
+
+  Inside :func:`exact_scope`.  x86 vector units have no 64-bit integer
+  division (each element would go through the scalar divider), so the
+  quotient is estimated in float64 (relative error at most 3 * 2**-53 even
+  as a multiplication by a reciprocal, so within 25 of the truth for the
+  quotients below 2**56 that occur here) and corrected exactly: the remainder
+  of the estimate is below 2**23 in magnitude, and its quotient by ``den`` is
+  estimated in float32 and corrected by one in integers.
+  """
+  den64 = jnp.broadcast_to(den, num.shape).astype(U64)
+  q = (num.astype(jnp.float64) / den64.astype(jnp.float64)).astype(U64)
+  rem = (num - q * den64).astype(I64)  # |rem| < 2**24: exact despite wrapping
+  d = den64.astype(I64)
+  fix = jnp.floor(rem.astype(jnp.float32) / d.astype(jnp.float32)).astype(I64)
+  rem = rem - fix * d
+  fix = fix - (rem < 0).astype(I64) + (rem >= d).astype(I64)
+  rem = jnp.where(rem < 0, rem + d, jnp.where(rem >= d, rem - d, rem))
+  return q + fix.astype(U64), rem.astype(U32)
+
+
 def multiply(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
   """Exactly multiply ``v`` by ``n / 2**k``, moving lost digits into ``buf``.
 
@@ -173,38 +196,10 @@ def multiply(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
   Returns:
     ``(v', buf', ok)``; ``ok`` is False if the stack was already full.
   """
-  k = momentum_bits
-  n = jnp.asarray(n, U32)
-  a, rr, boundary = _symbol_table(n, k)  # per leaf, before broadcasting
   with exact_scope():
-    value = join(v)
-    head = _join_head(buf)
-    r = (value & ((1 << k) - 1)).astype(U32)
-    # X = head * 2**k + r;  c = X mod M (24 bits);  X // M = head >> 8.
-    c = ((head & 0xFF).astype(U32) << k) | r
-    first = c < boundary
-    s = jnp.where(first, _floor_div_small(c, a + 1), rr + _floor_div_small(c - boundary, a))
-    f, cdf = _freq_cdf(s, a, rr, boundary)
-    # rANS decode: head' = f * (X // M) + c - cdf < f * 2**48 <= 2**64 for head < 2**56.
-    head = f.astype(U64) * (head >> 8) + (c - cdf).astype(U64)
-    spill = jnp.any(head >= _SPILL_AT)
-    row = (head & 0xFFFFFFFF).astype(U32)
-    head = jnp.where(spill, head >> 32, head)
-    new_v = split((value >> k) * n.astype(I64) + s.astype(I64))  # floor(v / 2**k) * n + s
-    head_hi, head_lo = (head >> 32).astype(U32), (head & 0xFFFFFFFF).astype(U32)
-
-  full = buf.size >= buf.stack.shape[0]
-  # Always write one row in place (the old contents when not spilling): cheaper
-  # inside a loop than a conditional on the whole stack.
-  idx = jnp.minimum(buf.size, buf.stack.shape[0] - 1)
-  old_row = lax.dynamic_index_in_dim(buf.stack, idx, 0, keepdims=False)
-  stack = lax.dynamic_update_index_in_dim(buf.stack, jnp.where(spill, row, old_row), idx, 0)
-  old_step = lax.dynamic_index_in_dim(buf.row_step, idx, 0, keepdims=False)
-  row_step = lax.dynamic_update_index_in_dim(
-    buf.row_step, jnp.where(spill, step.astype(I32), old_step), idx, 0
-  )
-  new_buf = BufferState(head_hi, head_lo, stack, row_step, buf.size + spill.astype(I32))
-  return new_v, new_buf, ~(spill & full)
+    value, head = push_pop(join(v), join_head(buf), n, momentum_bits)
+    buf, ok = spill(buf, head, step)
+    return split(value), buf, ok
 
 
 def divide(v: Fixed, buf: BufferState, n, step, momentum_bits: int, clear_popped: bool = True):
@@ -215,47 +210,110 @@ def divide(v: Fixed, buf: BufferState, n, step, momentum_bits: int, clear_popped
   of the whole stack per step inside a loop (:func:`clear_free_rows` gives the
   canonical buffer).
   """
+  with exact_scope():
+    head, popped = unspill(buf, step)
+    value, head = pop_push(join(v), head, n, momentum_bits)
+    return split(value), after_unspill(buf, head, popped, clear_popped)
+
+
+# The same on native 64-bit integers, for use inside exact_scope(): multiply is
+# push_pop then spill, divide is unspill then pop_push.
+
+
+def push_pop(value, head, n, momentum_bits: int):
+  """``(v', head')`` of one multiplication: ``int64`` v, ``uint64`` head (not yet spilled)."""
+  k = momentum_bits
+  n = jnp.asarray(n, U32)
+  a, rr, boundary = _symbol_table(n, k)  # per leaf, before broadcasting
+  r = (value & ((1 << k) - 1)).astype(U32)
+  # X = head * 2**k + r;  c = X mod M (24 bits);  X // M = head >> 8.
+  c = ((head & 0xFF).astype(U32) << k) | r
+  first = c < boundary
+  s = jnp.where(first, _floor_div_small(c, a + 1), rr + _floor_div_small(c - boundary, a))
+  s = materialize(s)  # one symbol for both outputs
+  f, cdf = _freq_cdf(s, a, rr, boundary)
+  # rANS decode: head' = f * (X // M) + c - cdf < f * 2**48 <= 2**64 for head < 2**56.
+  head = f.astype(U64) * (head >> 8) + (c - cdf).astype(U64)
+  return (value >> k) * n.astype(I64) + s.astype(I64), head  # floor(v / 2**k) * n + s
+
+
+def pop_push(value, head, n, momentum_bits: int):
+  """Inverse of :func:`push_pop`: ``(v, head)`` from ``(v', head')``."""
   k = momentum_bits
   n = jnp.asarray(n, U32)
   a, rr, boundary = _symbol_table(n, k)
+  # Signed floor divmod of v' by n: for negative v', use ~v' = -v' - 1 >= 0.
+  neg = value < 0
+  mag = jnp.where(neg, ~value, value).astype(U64)
+  q, rem = _divmod_u64(mag, n)
+  q = q.astype(I64)
+  q = jnp.where(neg, ~q, q)
+  s = jnp.where(neg, n - 1 - rem, rem)
+  s, q = materialize((s, q))
+  # rANS encode of s: X // M = head // f, X mod M = head mod f + cdf.
+  f, cdf = _freq_cdf(s, a, rr, boundary)
+  shifted, c = _divmod_u64(head, f)
+  c = c + cdf
+  head = (shifted << 8) | (c >> k).astype(U64)
+  return (q << k) | (c & ((1 << k) - 1)).astype(I64), head
+
+
+def spill(buf: BufferState, head, step):
+  """``buf`` with the ``uint64`` heads after :func:`push_pop`, spilling a row if needed.
+
+  Returns ``(buf', ok)``; ``ok`` is False if the stack was already full.
+  """
+  spilled = jnp.any(head >= _SPILL_AT)
+  row = (head & 0xFFFFFFFF).astype(U32)
+  head = jnp.where(spilled, head >> 32, head)
+  full = buf.size >= buf.stack.shape[0]
+  # Always write one row in place (the old contents when not spilling): cheaper
+  # inside a loop than a conditional on the whole stack.
+  idx = jnp.minimum(buf.size, buf.stack.shape[0] - 1)
+  old_row = lax.dynamic_index_in_dim(buf.stack, idx, 0, keepdims=False)
+  stack = lax.dynamic_update_index_in_dim(buf.stack, jnp.where(spilled, row, old_row), idx, 0)
+  old_step = lax.dynamic_index_in_dim(buf.row_step, idx, 0, keepdims=False)
+  row_step = lax.dynamic_update_index_in_dim(
+    buf.row_step, jnp.where(spilled, step.astype(I32), old_step), idx, 0
+  )
+  head_hi, head_lo = _head_words(head)
+  new_buf = BufferState(head_hi, head_lo, stack, row_step, buf.size + spilled.astype(I32))
+  return new_buf, ~(spilled & full)
+
+
+def unspill(buf: BufferState, step):
+  """``(head, popped)``: the ``uint64`` heads with the row spilled at ``step`` (if any) put back."""
   top = jnp.maximum(buf.size - 1, 0)
-  top_step = lax.dynamic_index_in_dim(buf.row_step, top, 0, False)
-  spilled = (buf.size > 0) & (top_step == step)
+  popped = (buf.size > 0) & (lax.dynamic_index_in_dim(buf.row_step, top, 0, False) == step)
   row = lax.dynamic_index_in_dim(buf.stack, top, 0, False)
-  with exact_scope():
-    head = _join_head(buf)
-    head = jnp.where(spilled, (head << 32) | row.astype(U64), head)
-    # Signed floor divmod of v' by n: for negative v', use ~v' = -v' - 1 >= 0.
-    value = join(v)
-    neg = value < 0
-    mag = jnp.where(neg, ~value, value).astype(U64)
-    n64 = jnp.broadcast_to(n, mag.shape).astype(U64)
-    q = mag // n64
-    rem = (mag - q * n64).astype(U32)
-    q = q.astype(I64)
-    q = jnp.where(neg, ~q, q)
-    s = jnp.where(neg, n - 1 - rem, rem)
-    # rANS encode of s: X // M = head // f, X mod M = head mod f + cdf.
-    f, cdf = _freq_cdf(s, a, rr, boundary)
-    f64 = f.astype(U64)
-    shifted = head // f64
-    c = (head - shifted * f64).astype(U32) + cdf
-    head = (shifted << 8) | (c >> k).astype(U64)
-    new_v = split((q << k) | (c & ((1 << k) - 1)).astype(I64))
-    head_hi, head_lo = (head >> 32).astype(U32), (head & 0xFFFFFFFF).astype(U32)
-  new_buf = buf._replace(head_hi=head_hi, head_lo=head_lo, size=buf.size - spilled.astype(I32))
+  head = join_head(buf)
+  return jnp.where(popped, (head << 32) | row.astype(U64), head), popped
+
+
+def after_unspill(buf: BufferState, head, popped, clear_popped: bool = True) -> BufferState:
+  """``buf`` holding the ``uint64`` heads after :func:`pop_push` and one row fewer if popped."""
+  head_hi, head_lo = _head_words(head)
+  new_buf = buf._replace(head_hi=head_hi, head_lo=head_lo, size=buf.size - popped.astype(I32))
   if clear_popped:
+    top = jnp.maximum(buf.size - 1, 0)
+    row = lax.dynamic_index_in_dim(buf.stack, top, 0, False)
+    top_step = lax.dynamic_index_in_dim(buf.row_step, top, 0, False)
     new_buf = new_buf._replace(
-      stack=lax.dynamic_update_index_in_dim(buf.stack, jnp.where(spilled, 0, row), top, 0),
+      stack=lax.dynamic_update_index_in_dim(buf.stack, jnp.where(popped, 0, row), top, 0),
       row_step=lax.dynamic_update_index_in_dim(
-        buf.row_step, jnp.where(spilled, -1, top_step), top, 0
+        buf.row_step, jnp.where(popped, -1, top_step), top, 0
       ),
     )
-  return new_v, new_buf
+  return new_buf
 
 
-def _join_head(buf: BufferState):
+def join_head(buf: BufferState):
+  """The ``uint64`` heads of a buffer (inside :func:`exact_scope`)."""
   return (buf.head_hi.astype(U64) << 32) | buf.head_lo.astype(U64)
+
+
+def _head_words(head):
+  return (head >> 32).astype(U32), (head & 0xFFFFFFFF).astype(U32)
 
 
 def clear_free_rows(buf: BufferState) -> BufferState:

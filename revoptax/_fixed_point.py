@@ -129,6 +129,11 @@ class FixedPointFormat:
     """Elementwise ``|x| < 2**int_bits`` (exact)."""
     return (x.hi >= -self._hi_limit) & (x.hi < self._hi_limit)
 
+  def in_range_int(self, k) -> jax.Array:
+    """:meth:`in_range` of ``int64`` integers; inside :func:`exact_scope`."""
+    limit = 1 << (self.int_bits + self.radix_bits)
+    return (k >= -limit) & (k < limit)
+
   def from_float(self, x) -> tuple[Fixed, jax.Array]:
     """Round floats to the nearest fixed-point value (ties to even), exactly.
 
@@ -173,11 +178,29 @@ class FixedPointFormat:
   def dequantize(self, k, dtype=jnp.float32) -> jax.Array:
     """Correctly rounded float of ``k * 2**-R`` for ``int64`` k; inside :func:`exact_scope`.
 
-    Rounds ``|k|`` to the precision of ``dtype`` at its magnitude (``p``
-    significant bits, or the subnormal spacing) half to even in integers, then
-    converts the rounded value, which is exact.
+    float64: one correctly rounded conversion of ``k`` (``|k| < 2**62``), then
+    an exact scaling.  float32: the conversion to float64 is made
+    *round-to-odd* (an inexact result is moved to the neighbour with an odd
+    last bit, found from the exact residual ``k - int(f)``), after which one
+    rounding to float32 is correct because 53 >= 24 + 2 (Boldo & Melquiond,
+    "Emulation of FMA and correctly rounded sums: proved algorithms using
+    rounding to odd", IEEE TC 2008).  bfloat16 and float16: ``|k|`` is rounded
+    to the dtype's precision at its magnitude (``p`` significant bits, or the
+    subnormal spacing) half to even in integers, then converted exactly.
     """
     dtype = np.dtype(dtype)
+    scale = 2.0**-self.radix_bits
+    if dtype == np.dtype(jnp.float64):
+      return k.astype(jnp.float64) * scale
+    if dtype == np.dtype(jnp.float32):
+      f = k.astype(jnp.float64)
+      residual = k - f.astype(I64)
+      bits = lax.bitcast_convert_type(f, I64)
+      # Inexact and even: step one unit of the last place towards k.
+      away = (residual > 0) == (k > 0)  # |k| > |f|: increase the magnitude
+      step = jnp.where(away, 1, -1).astype(I64)
+      bits = jnp.where((residual != 0) & ((bits & 1) == 0), bits + step, bits)
+      return (lax.bitcast_convert_type(bits, jnp.float64) * scale).astype(jnp.float32)
     p, emin = _MANTISSA_BITS[dtype], _MIN_EXPONENT[dtype]
     mag = jnp.abs(k).astype(U64)  # |k| < 2**62
     nbits = (64 - lax.clz(mag)).astype(I64)
@@ -188,12 +211,8 @@ class FixedPointFormat:
     half = (jnp.ones_like(mag) << s) >> 1
     t = t + ((rem > half) | ((rem == half) & (s > 0) & ((t & 1) == 1))).astype(U64)
     # value = t * 2**(shift - R) with t <= 2**p: build the power of two from bits.
-    if dtype == np.dtype(jnp.float64):
-      scale = lax.bitcast_convert_type((shift - self.radix_bits + 1023) << 52, jnp.float64)
-      mag_f = t.astype(jnp.float64) * scale
-    else:
-      exponent = (shift - self.radix_bits + 127).astype(I32) << 23
-      mag_f = t.astype(jnp.float32) * lax.bitcast_convert_type(exponent, jnp.float32)
+    exponent = (shift - self.radix_bits + 127).astype(I32) << 23
+    mag_f = t.astype(jnp.float32) * lax.bitcast_convert_type(exponent, jnp.float32)
     return jnp.where(k < 0, -mag_f, mag_f).astype(dtype)
 
 

@@ -35,7 +35,8 @@ import optax
 from revoptax import _buffer as buffer_lib
 from revoptax import _errors, _param_log
 from revoptax._determinism import fingerprint
-from revoptax._fixed_point import Fixed, FixedPointFormat, _compute_dtype
+from revoptax._fixed_point import Fixed, FixedPointFormat, _compute_dtype, exact_scope, join, split
+from revoptax._fusion import materialize
 
 
 class ExactLeaf(NamedTuple):
@@ -85,30 +86,33 @@ class MomentumSGDRule:
     n = self.quantize_momentum(gamma)
     one_minus = 1 - buffer_lib.dequantize_momentum(n, self.momentum_bits, cd)
     g = grad.astype(cd)
-    v, buf, buffer_ok = buffer_lib.multiply(leaf.v, leaf.buffer, n, t, self.momentum_bits)
-    dv, dv_ok = self.fixed.from_float(one_minus * g)
-    v = self.fixed.sub(v, dv)
-    dw, dw_ok = self.fixed.from_float(jnp.asarray(alpha, cd) * self.fixed.to_float(v, cd))
-    w = self.fixed.add(leaf.w, dw)
-    in_range = (
-      jnp.all(dv_ok)
-      & jnp.all(dw_ok)
-      & jnp.all(self.fixed.in_range(v))
-      & jnp.all(self.fixed.in_range(w))
-    )
+    with exact_scope():
+      v, head = buffer_lib.push_pop(
+        join(leaf.v), buffer_lib.join_head(leaf.buffer), n, self.momentum_bits
+      )
+      v, head = materialize((v, head))
+      buf, buffer_ok = buffer_lib.spill(leaf.buffer, head, t)
+      dv, dv_ok = self.fixed.quantize(one_minus * g)
+      v = materialize(v - dv)
+      dw, dw_ok = self.fixed.quantize(jnp.asarray(alpha, cd) * self.fixed.dequantize(v, cd))
+      w = materialize(join(leaf.w) + dw)
+      in_range = jnp.all(dv_ok & dw_ok & self.fixed.in_range_int(v) & self.fixed.in_range_int(w))
+      new_leaf = ExactLeaf(split(w), split(v), buf)
     flags = {
       "momentum": ~jnp.all(jnp.isfinite(jnp.asarray(gamma))),
       "nonfinite": ~jnp.all(jnp.isfinite(g)),
       "range": ~in_range,
       "buffer": ~buffer_ok,
     }
-    return ExactLeaf(w, v, buf), flags
+    return new_leaf, flags
 
   def unstep_position_leaf(self, leaf: ExactLeaf, alpha, dtype):
     """``w_t = w_{t+1} - Q(alpha F(v_{t+1}))`` (exact)."""
     cd = _compute_dtype(dtype)
-    dw, _ = self.fixed.from_float(jnp.asarray(alpha, cd) * self.fixed.to_float(leaf.v, cd))
-    return leaf._replace(w=self.fixed.sub(leaf.w, dw))
+    with exact_scope():
+      v = join(leaf.v)
+      dw, _ = self.fixed.quantize(jnp.asarray(alpha, cd) * self.fixed.dequantize(v, cd))
+      return leaf._replace(w=split(materialize(join(leaf.w) - dw)))
 
   def unstep_velocity_leaf(self, leaf: ExactLeaf, grad, gamma, t, clear_popped=True):
     """``v_t = (v_{t+1} + Q((1 - gamma) g_t)) / gamma`` (exact, pops the buffer).
@@ -120,10 +124,13 @@ class MomentumSGDRule:
     cd = _compute_dtype(grad.dtype)
     n = self.quantize_momentum(gamma)
     one_minus = 1 - buffer_lib.dequantize_momentum(n, self.momentum_bits, cd)
-    dv, _ = self.fixed.from_float(one_minus * grad.astype(cd))
-    v = self.fixed.add(leaf.v, dv)
-    v, buf = buffer_lib.divide(v, leaf.buffer, n, t, self.momentum_bits, clear_popped)
-    return ExactLeaf(leaf.w, v, buf)
+    with exact_scope():
+      dv, _ = self.fixed.quantize(one_minus * grad.astype(cd))
+      v = materialize(join(leaf.v) + dv)
+      head, popped = buffer_lib.unspill(leaf.buffer, t)
+      v, head = materialize(buffer_lib.pop_push(v, head, n, self.momentum_bits))
+      buf = buffer_lib.after_unspill(leaf.buffer, head, popped, clear_popped)
+      return ExactLeaf(leaf.w, split(v), buf)
 
   @staticmethod
   def float_step(w, v, g, alpha, gamma):

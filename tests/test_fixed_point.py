@@ -62,6 +62,12 @@ def test_to_float_is_correctly_rounded(dtype, mantissa):
   # Exact ties between two floats, both parities.
   ks += [(2**24 + 1) * 2**20 + 2**19, (2**24 + 2) * 2**20 + 2**19, -((2**24 + 1) * 2**20 + 2**19)]
   ks += [0, 1, -1, 2**62 - 1, -(2**62)]
+  # Just off a tie, where rounding through float64 first would land on the tie
+  # (the float32 path rounds to odd in float64 for exactly these).
+  for p in (8, 11, 24):
+    for significand in (2 ** (p - 1) + 1, 2 ** (p - 1) + 2, 2**p - 1):  # p significant bits
+      tie = (2 * significand + 1) << (61 - p)  # below 2**62
+      ks += [sign * (tie + d) for sign in (1, -1) for d in (1, -1, 255, -255, 256)]
   hi = np.array([k >> 32 for k in ks], np.int32)
   lo = np.array([k & 0xFFFFFFFF for k in ks], np.uint32)
   got = np.asarray(FMT.to_float(Fixed(jnp.asarray(hi), jnp.asarray(lo)), dtype), np.float64)
