@@ -6,13 +6,15 @@ buffer heads, range flags, the words of each) is re-computed inside the loop
 of every output: measured 3-6 times the unique work of one exact step, and
 ``optimization_barrier`` does not prevent it (XLA:CPU removes barriers before
 fusion).  A reduction is never duplicated into its consumers (XLA counts it
-as expensive), so an identity written as a reduction, ``x | 0`` over a new
-axis of size two, is computed once into its own buffer, and the consumers
-read that.  The values are unchanged bit for bit.
+as expensive), so an identity written as a reduction, ``x | x`` over a new
+broadcast axis of size two, is computed once into its own buffer, and the
+consumers read that.  The values are unchanged bit for bit.
 
-Measured on the digits MLP (T = 1,000, same process, interleaved): the
-hypergradient at 1.6-1.7x the checkpointing baseline with materialization
-points, 2.5x without.
+Measured (same process, interleaved runs): one exact step on the digits
+MLP's six leaves 56 us with these points, 71 us with ``x | 0`` over a
+stacked zero (the stacked form compiles to scalar code), 70 us through
+``lax.cond`` (extra copies), 89 us without; the digits hypergradient
+(T = 1,000) 0.55 s with them, 0.94 s without.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def materialize(tree):
 
   def once(x):
     x = jnp.asarray(x)
-    pair = jnp.stack([x, jnp.zeros_like(x)])
-    return lax.reduce(pair, jnp.zeros((), x.dtype), lax.bitwise_or, (0,))
+    twice = jnp.broadcast_to(x, (2, *x.shape))
+    return lax.reduce(twice, jnp.zeros((), x.dtype), lax.bitwise_or, (0,))
 
   return lax.platform_dependent(
     tree, cpu=lambda tree: jax.tree.map(once, tree), default=lambda tree: tree
