@@ -269,21 +269,11 @@ def measure_buffer_bits(model: str, num_steps: int, gamma: float) -> dict:
 
 
 def _buffers_and_log_sizes(state):
-  """Per-leaf ``BufferState`` and param-log sizes of a ``ReversibleSGDState``.
+  """Per-leaf ``BufferState`` and param-log sizes of a ``ReversibleSGDState``."""
+  from revoptax._sgd import _unpack
 
-  Handles both state layouts revoptax has used: per-leaf ``ExactLeaf`` /
-  ``ParamLog`` records, and params-shaped trees per field.
-  """
-  from revoptax import _buffer
-
-  if hasattr(state, "exact"):
-    exact = jax.tree.leaves(state.exact, is_leaf=lambda x: isinstance(x, revoptax.ExactLeaf))
-    logs = jax.tree.leaves(state.param_log, is_leaf=lambda x: hasattr(x, "index"))
-    return [leaf.buffer for leaf in exact], [int(log.size) for log in logs]
-  fields = ("head_hi", "head_lo", "stack", "row_step", "buffer_size")
-  per_field = [jax.tree.leaves(getattr(state, name)) for name in fields]
-  buffers = [_buffer.BufferState(*parts) for parts in zip(*per_field)]
-  return buffers, [int(size) for size in jax.tree.leaves(state.log_size)]
+  _, exact, logs, _ = _unpack(state)
+  return [leaf.buffer for leaf in exact], [int(log.size) for log in logs]
 
 
 def ideal_buffer_bits(gamma: float) -> float:

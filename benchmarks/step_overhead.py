@@ -21,8 +21,10 @@ callback in every update) and with ``on_error="nan"`` (failures recorded in
 the state, no callback).
 
 An optimizer that raises in a loop is recorded with its error message.
-Per-call loops report the median over ``--steps`` steps after ``--warmup``
-steps; the scan loop the median of 3 calls divided by the number of steps.
+The three optimizers of a loop are timed interleaved, call by call (round
+robin), so that the machine's slow phases hit all of them alike: per-call
+loops report the median over ``--steps`` steps after ``--warmup`` steps; the
+scan loop the median of 5 interleaved calls divided by the number of steps.
 
 Usage::
 
@@ -82,21 +84,23 @@ def _nnx_loss(model, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def _per_call_times(step, num_warmup: int, num_steps: int, batches, labels) -> list[float]:
-  times = []
+def _interleaved_times(calls: dict, num_warmup: int, num_steps: int, batches, labels) -> dict:
+  """Per-call seconds of each ``call(x, y)``, round-robin so machine noise hits all alike."""
+  times = {name: [] for name in calls}
   for t in range(num_warmup + num_steps):
     b = t % batches.shape[0]
-    start = time.perf_counter()
-    jax.block_until_ready(step(batches[b], labels[b]))
-    if t >= num_warmup:
-      times.append(time.perf_counter() - start)
+    for name, call in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call(batches[b], labels[b]))
+      if t >= num_warmup:
+        times[name].append(time.perf_counter() - start)
   return times
 
 
-def time_nnx(tx_name: str, args, batches, labels) -> list[float]:
+def make_nnx(tx_name: str, args):
   """``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and an ``@nnx.jit`` step."""
   model = MLP(common.MODELS["digits"], rngs=nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, make_tx(tx_name, args.warmup + args.steps), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, make_tx(tx_name, args.warmup + args.steps + 1), wrt=nnx.Param)
 
   @nnx.jit
   def train_step(model, optimizer, x, y):
@@ -104,15 +108,13 @@ def time_nnx(tx_name: str, args, batches, labels) -> list[float]:
     optimizer.update(model, grads)
     return loss
 
-  return _per_call_times(
-    lambda x, y: train_step(model, optimizer, x, y), args.warmup, args.steps, batches, labels
-  )
+  return lambda x, y: train_step(model, optimizer, x, y)
 
 
-def time_nnx_state(tx_name: str, args, batches, labels) -> list[float]:
+def make_nnx_state(tx_name: str, args):
   """An nnx model and ``@nnx.jit`` step, the Optax state kept outside nnx."""
   model = MLP(common.MODELS["digits"], rngs=nnx.Rngs(0))
-  tx = make_tx(tx_name, args.warmup + args.steps)
+  tx = make_tx(tx_name, args.warmup + args.steps + 1)
   opt_state = [tx.init(nnx.as_pure(nnx.state(model, nnx.Param)))]
 
   @nnx.jit
@@ -127,7 +129,7 @@ def time_nnx_state(tx_name: str, args, batches, labels) -> list[float]:
     loss, opt_state[0] = train_step(model, opt_state[0], x, y)
     return loss
 
-  return _per_call_times(call, args.warmup, args.steps, batches, labels)
+  return call
 
 
 def _loss(params, batch):
@@ -141,8 +143,9 @@ def _optax_step(tx, params, opt_state, batch):
   return optax.apply_updates(params, updates), opt_state
 
 
-def time_jit(tx_name: str, args, batches, labels) -> list[float]:
-  tx = make_tx(tx_name, args.warmup + args.steps)
+def make_jit(tx_name: str, args):
+  """A pure Optax step ``jax.jit(step, donate_argnums=(0, 1))``, called once per step."""
+  tx = make_tx(tx_name, args.warmup + args.steps + 1)
   params = common.init_mlp(common.MODELS["digits"])
   state = [params, tx.init(params)]
   step = jax.jit(lambda p, s, batch: _optax_step(tx, p, s, batch), donate_argnums=(0, 1))
@@ -151,11 +154,11 @@ def time_jit(tx_name: str, args, batches, labels) -> list[float]:
     state[0], state[1] = step(state[0], state[1], (x, y))
     return state[0]
 
-  return _per_call_times(call, args.warmup, args.steps, batches, labels)
+  return call
 
 
-def time_scan(tx_name: str, args, batches, labels) -> list[float]:
-  """Seconds per step of ``args.steps`` steps scanned inside one jit call."""
+def make_scan(tx_name: str, args, batches, labels):
+  """``args.steps`` steps scanned inside one jit call (call it with no arguments)."""
   tx = make_tx(tx_name, args.steps)
   params = common.init_mlp(common.MODELS["digits"])
 
@@ -170,15 +173,38 @@ def time_scan(tx_name: str, args, batches, labels) -> list[float]:
     return params
 
   jax.block_until_ready(train(params))
-  times = []
-  for _ in range(3):
-    start = time.perf_counter()
-    jax.block_until_ready(train(params))
-    times.append((time.perf_counter() - start) / args.steps)
-  return times
+  return lambda: train(params)
 
 
-LOOPS = {"nnx": time_nnx, "nnx_state": time_nnx_state, "jit": time_jit, "scan": time_scan}
+PER_CALL_LOOPS = {"nnx": make_nnx, "nnx_state": make_nnx_state, "jit": make_jit}
+SCAN_REPEATS = 5
+
+
+def _measure(loop: str, args, batches, labels) -> dict:
+  """``{tx_name: seconds per step (list) or an exception}`` for one loop, interleaved."""
+  calls, failed = {}, {}
+  for tx_name in TX_NAMES:
+    try:
+      if loop == "scan":
+        calls[tx_name] = make_scan(tx_name, args, batches, labels)
+      else:
+        calls[tx_name] = PER_CALL_LOOPS[loop](tx_name, args)
+        jax.block_until_ready(calls[tx_name](batches[0], labels[0]))  # compile; raise here
+    except Exception as e:  # a failing optimizer is a result, not a crash
+      failed[tx_name] = e
+  if loop == "scan":
+    times = {name: [] for name in calls}
+    for _ in range(SCAN_REPEATS):
+      for name, call in calls.items():
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times[name].append((time.perf_counter() - start) / args.steps)
+  else:
+    times = _interleaved_times(calls, args.warmup, args.steps, batches, labels)
+  return {**times, **failed}
+
+
+LOOPS = ("nnx", "nnx_state", "jit", "scan")
 
 
 def main(argv=None):
@@ -191,13 +217,13 @@ def main(argv=None):
 
   batches, labels, _, _ = common.load_digits()
   results = {}
-  for loop, timer in LOOPS.items():
+  for loop in LOOPS:
     results[loop] = {}
+    measured = _measure(loop, args, batches, labels)
     for tx_name in TX_NAMES:
-      try:
-        times = timer(tx_name, args, batches, labels)
-      except Exception as e:  # a failing optimizer is a result, not a crash
-        message = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+      times = measured[tx_name]
+      if isinstance(times, Exception):
+        message = f"{type(times).__name__}: {times}".splitlines()[0][:500]
         results[loop][tx_name] = {"error": message}
         print(f"{loop:9s} {tx_name:15s} FAILED {message}", file=sys.stderr)
         continue

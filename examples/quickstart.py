@@ -84,7 +84,7 @@ def main():
 
   same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), state, initial_state)
   exact = all(jax.tree.leaves(same))
-  nbits = sum(int(np.size(w)) for w in jax.tree.leaves(state.w_hi)) * 64
+  nbits = sum(int(np.size(words[0])) for words in jax.tree.leaves(state.exact)) * 64
   print(f"initial weights, velocity and buffer recovered bit for bit: {exact} ({nbits} bits)")
   if not exact:
     raise SystemExit("reversal was not exact")

@@ -26,17 +26,15 @@ from jax import lax
 class ParamLog(NamedTuple):
   """Logged elements of one leaf (arrays only)."""
 
-  index: jax.Array  # int32[capacity], flat index into the leaf
+  entries: jax.Array  # int32[2, capacity]: flat index into the leaf, step (-1 where free)
   value: jax.Array  # leaf dtype [capacity]
-  step: jax.Array  # int32[capacity], -1 where free
   size: jax.Array  # int32[]
 
 
 def init(dtype, capacity: int) -> ParamLog:
   return ParamLog(
-    index=jnp.zeros((capacity,), jnp.int32),
+    entries=jnp.stack([jnp.zeros((capacity,), jnp.int32), jnp.full((capacity,), -1, jnp.int32)]),
     value=jnp.zeros((capacity,), dtype),
-    step=jnp.full((capacity,), -1, jnp.int32),
     size=jnp.zeros((), jnp.int32),
   )
 
@@ -54,17 +52,17 @@ def record(log: ParamLog, used, exact, step):
   """
   used, exact = used.ravel(), exact.ravel()
   differs = _bits(used) != _bits(exact)
-  capacity = log.index.shape[0]
+  capacity = log.value.shape[0]
   count = jnp.sum(differs, dtype=jnp.int32)
 
   def append(log):
     pos = log.size + jnp.cumsum(differs, dtype=jnp.int32) - 1
     pos = jnp.where(differs, pos, capacity)  # out of bounds: dropped
     idx = jnp.arange(used.shape[0], dtype=jnp.int32)
+    entries = log.entries.at[0, pos].set(idx, mode="drop")
     return ParamLog(
-      index=log.index.at[pos].set(idx, mode="drop"),
+      entries=entries.at[1, pos].set(step, mode="drop"),
       value=log.value.at[pos].set(used, mode="drop"),
-      step=log.step.at[pos].set(step, mode="drop"),
       size=jnp.minimum(log.size + count, capacity),
     )
 
@@ -80,17 +78,17 @@ def restore(log: ParamLog, exact, step):
   """
   shape = exact.shape
   flat = exact.ravel()
-  hit = log.step == step
+  index, steps = log.entries[0], log.entries[1]
+  hit = steps == step
   n = jnp.sum(hit, dtype=jnp.int32)
 
   def pop(args):
     flat, log = args
-    idx = jnp.where(hit, log.index, flat.shape[0])
+    idx = jnp.where(hit, index, flat.shape[0])
     flat = flat.at[idx].set(log.value, mode="drop")
     log = ParamLog(
-      index=jnp.where(hit, 0, log.index),
+      entries=jnp.where(hit[None], jnp.asarray([[0], [-1]], jnp.int32), log.entries),
       value=jnp.where(hit, jnp.zeros_like(log.value), log.value),
-      step=jnp.where(hit, -1, log.step),
       size=log.size - n,
     )
     return flat, log

@@ -230,83 +230,129 @@ def buffer_rows(rule: MomentumSGDRule, momentum_values, num_steps, momentum_floo
 
 
 class ReversibleSGDState(NamedTuple):
-  """State of :func:`reversible_sgd`: each field but ``step`` is a params-shaped tree.
+  """State of :func:`reversible_sgd`: each field but ``step`` and ``error`` is a params-shaped tree.
 
   Like Optax's own states, every field is a tree of arrays with the structure
   of the params, so containers that rebuild nested state (``nnx.Optimizer``)
-  keep it intact.
+  keep it intact.  Five arrays per parameter leaf (each array costs per-call
+  overhead in ``jit`` and more in ``nnx``), laid out so that an update
+  rewrites only what changes: the words, one stack row, the counts, one
+  fingerprint, and the log entries it appends.
 
   Attributes:
     step: ``int32[]`` number of updates applied.
     error: ``int32[3]``: ``(category, step, leaf)`` of the first failed check
       recorded with ``on_error="nan"``, or ``-1`` s (see :func:`check`).
-    w_hi, w_lo, v_hi, v_lo: fixed-point words of the weights and velocity.
-    head_hi, head_lo, stack, row_step, buffer_size: the information buffer
-      (:class:`revoptax._buffer.BufferState` of each leaf).
-    log_index, log_value, log_step, log_size: the log of params that differed
-      from the exact weights (:class:`revoptax._param_log.ParamLog`).
-    grad_print: ``uint32[max_steps]`` per leaf: the fingerprint of each step's
-      gradient, checked by ``inverse`` (drift detection).
+    exact: ``uint32[6, *shape]`` per leaf: the fixed-point words of the
+      weights and the velocity (high word as its bit pattern, then low word)
+      and the 64-bit heads of the information buffer (high, low).
+    stack: ``uint32[rows, *shape]`` per leaf: the buffer's spilled rows.
+    meta: ``int32[2 + rows + max_steps]`` per leaf: the buffer's row count,
+      the param log's entry count, the step that spilled each row (-1 if
+      free), and the bit pattern of each step's gradient fingerprint
+      (checked by ``inverse``).
+    log_entries: ``int32[2, log_capacity]`` per leaf: flat index and step of
+      each logged param (:mod:`revoptax._param_log`).
+    log_value: ``[log_capacity]`` per leaf: the logged values.
   """
 
   step: jax.Array
   error: jax.Array
-  w_hi: Any
-  w_lo: Any
-  v_hi: Any
-  v_lo: Any
-  head_hi: Any
-  head_lo: Any
+  exact: Any
   stack: Any
-  row_step: Any
-  buffer_size: Any
-  log_index: Any
+  meta: Any
+  log_entries: Any
   log_value: Any
-  log_step: Any
-  log_size: Any
-  grad_print: Any
+
+  @property
+  def buffer_size(self):
+    """Rows of spilled buffer in use, per leaf (``int32[]`` each)."""
+    return jax.tree.map(lambda m: m[0], self.meta)
+
+  @property
+  def log_size(self):
+    """Entries of the param log in use, per leaf (``int32[]`` each)."""
+    return jax.tree.map(lambda m: m[1], self.meta)
 
 
-def _pack(step, error, treedef, exact, logs, prints) -> ReversibleSGDState:
+def _bits_as(x, dtype):
+  return jax.lax.bitcast_convert_type(x, dtype)
+
+
+def _init_meta(rows: int, max_steps: int):
+  return jnp.concatenate(
+    [
+      jnp.zeros((2,), jnp.int32),
+      jnp.full((rows,), -1, jnp.int32),
+      jnp.zeros((max_steps,), jnp.int32),
+    ]
+  )
+
+
+def _print_index(meta, stack, t):
+  """Position of step ``t``'s gradient fingerprint in a leaf's ``meta``."""
+  return 2 + stack.shape[0] + t
+
+
+def _pack(step, error, treedef, exact, logs, metas) -> ReversibleSGDState:
+  """The state of per-leaf exact states and logs; ``metas`` supplies the fingerprints."""
+
   def tree(values):
     return treedef.unflatten(list(values))
 
+  words = [
+    jnp.stack(
+      [
+        _bits_as(e.w.hi, jnp.uint32),
+        e.w.lo,
+        _bits_as(e.v.hi, jnp.uint32),
+        e.v.lo,
+        e.buffer.head_hi,
+        e.buffer.head_lo,
+      ]
+    )
+    for e in exact
+  ]
+  # Only the counts and row steps are written back (in place under donation).
+  metas = [
+    jax.lax.dynamic_update_slice(
+      m, jnp.concatenate([e.buffer.size[None], g.size[None], e.buffer.row_step]), (0,)
+    )
+    for m, e, g in zip(metas, exact, logs)
+  ]
   return ReversibleSGDState(
     step=step,
     error=error,
-    w_hi=tree(e.w.hi for e in exact),
-    w_lo=tree(e.w.lo for e in exact),
-    v_hi=tree(e.v.hi for e in exact),
-    v_lo=tree(e.v.lo for e in exact),
-    head_hi=tree(e.buffer.head_hi for e in exact),
-    head_lo=tree(e.buffer.head_lo for e in exact),
+    exact=tree(words),
     stack=tree(e.buffer.stack for e in exact),
-    row_step=tree(e.buffer.row_step for e in exact),
-    buffer_size=tree(e.buffer.size for e in exact),
-    log_index=tree(g.index for g in logs),
+    meta=tree(metas),
+    log_entries=tree(g.entries for g in logs),
     log_value=tree(g.value for g in logs),
-    log_step=tree(g.step for g in logs),
-    log_size=tree(g.size for g in logs),
-    grad_print=tree(prints),
   )
 
 
 def _unpack(state: ReversibleSGDState):
-  """``(treedef, exact leaves, log leaves)`` of a state."""
-  f = {name: jax.tree.leaves(getattr(state, name)) for name in state._fields[2:]}
-  exact = [
-    ExactLeaf(Fixed(*a), Fixed(*b), buffer_lib.BufferState(*c))
-    for a, b, c in zip(
-      zip(f["w_hi"], f["w_lo"]),
-      zip(f["v_hi"], f["v_lo"]),
-      zip(f["head_hi"], f["head_lo"], f["stack"], f["row_step"], f["buffer_size"]),
+  """``(treedef, exact leaves, param logs, metas)`` of a state."""
+  exact, logs = [], []
+  metas = jax.tree.leaves(state.meta)
+  for words, stack, meta, entries, values in zip(
+    jax.tree.leaves(state.exact),
+    jax.tree.leaves(state.stack),
+    metas,
+    jax.tree.leaves(state.log_entries),
+    jax.tree.leaves(state.log_value),
+  ):
+    rows = stack.shape[0]
+    buffer = buffer_lib.BufferState(words[4], words[5], stack, meta[2 : 2 + rows], meta[0])
+    exact.append(
+      ExactLeaf(
+        Fixed(_bits_as(words[0], jnp.int32), words[1]),
+        Fixed(_bits_as(words[2], jnp.int32), words[3]),
+        buffer,
+      )
     )
-  ]
-  logs = [
-    _param_log.ParamLog(*x)
-    for x in zip(f["log_index"], f["log_value"], f["log_step"], f["log_size"])
-  ]
-  return jax.tree.structure(state.w_hi), exact, logs, jax.tree.leaves(state.grad_print)
+    logs.append(_param_log.ParamLog(entries, values, meta[1]))
+  return jax.tree.structure(state.exact), exact, logs, metas
 
 
 class ReversibleTransformation(optax.GradientTransformationExtraArgs):
@@ -434,9 +480,9 @@ def reversible_sgd(
       )
       for p in leaves
     ]
-    prints = [jnp.zeros((max_steps,), jnp.uint32) for _ in leaves]
+    metas = [_init_meta(leaf.buffer.stack.shape[0], max_steps) for leaf in exact]
     no_error = jnp.full((3,), -1, jnp.int32)
-    return _pack(jnp.zeros((), jnp.int32), no_error, treedef, exact, logs, prints)
+    return _pack(jnp.zeros((), jnp.int32), no_error, treedef, exact, logs, metas)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -445,9 +491,12 @@ def reversible_sgd(
     t = state.step
     alphas = _spec_leaves(learning_rate, updates)
     gammas = _spec_leaves(momentum, updates)
-    _, exact, logs, prints = _unpack(state)
-    prints = [
-      jax.lax.dynamic_update_index_in_dim(p, fingerprint(g), t, 0) for p, g in zip(prints, grads)
+    _, exact, logs, metas = _unpack(state)
+    metas = [
+      jax.lax.dynamic_update_index_in_dim(
+        m, _bits_as(fingerprint(g), jnp.int32), _print_index(m, e.buffer.stack, t), 0
+      )
+      for m, e, g in zip(metas, exact, grads)
     ]
     before = [rule.params(leaf, g.dtype) for leaf, g in zip(exact, grads)]
     log_ok = []
@@ -477,13 +526,14 @@ def reversible_sgd(
     else:  # no host callback: record the failure and poison the updates
       error = jnp.where(error[0] >= 0, error, _errors.failure_code(codes, t))
       new_updates = [jnp.where(error[0] >= 0, jnp.nan, u) for u in new_updates]
-    new_state = _pack(t + 1, error, treedef, new_exact, logs, prints)
+    new_state = _pack(t + 1, error, treedef, new_exact, logs, metas)
     return treedef.unflatten(new_updates), new_state
 
   def inverse_fn(state, grad_fn):
     t = state.step - 1
-    treedef, exact, logs, prints = _unpack(state)
-    _errors.raise_recorded(state.error, leaf_names(state.w_hi), api + " inverse")
+    treedef, exact, logs, metas = _unpack(state)
+    stacks = [leaf.buffer.stack for leaf in exact]
+    _errors.raise_recorded(state.error, leaf_names(state.exact), api + " inverse")
     template = treedef.unflatten([0] * treedef.num_leaves)
     alphas = _spec_leaves(learning_rate, template)
     gammas = _spec_leaves(momentum, template)
@@ -500,19 +550,23 @@ def reversible_sgd(
     grads = jax.tree.leaves(grad_fn(params))
     drift = jnp.stack(
       [
-        fingerprint(g) != jax.lax.dynamic_index_in_dim(p, t, 0, False)
-        for g, p in zip(grads, prints)
+        _bits_as(fingerprint(g), jnp.int32)
+        != jax.lax.dynamic_index_in_dim(m, _print_index(m, s, t), 0, False)
+        for g, m, s in zip(grads, metas, stacks)
       ]
     )
     _errors.raise_on_failure(
       {"drift": drift}, leaf_names(treedef.unflatten(grads)), api + " inverse", step=t
     )
-    prints = [jax.lax.dynamic_update_index_in_dim(p, jnp.uint32(0), t, 0) for p in prints]
+    metas = [
+      jax.lax.dynamic_update_index_in_dim(m, jnp.int32(0), _print_index(m, s, t), 0)
+      for m, s in zip(metas, stacks)
+    ]
     exact = [
       rule.unstep_velocity_leaf(leaf, g, _value_at(m, t), t)
       for leaf, g, m in zip(exact, grads, gammas)
     ]
-    previous = _pack(t, state.error, treedef, exact, logs, prints)
+    previous = _pack(t, state.error, treedef, exact, logs, metas)
     return previous, params
 
   return ReversibleTransformation(init_fn, update_fn, inverse_fn)
@@ -550,4 +604,6 @@ def check(state: ReversibleSGDState) -> None:
     ...
     revoptax._errors.ReversibilityError: revoptax.reversible_sgd: the training gradient ...
   """
-  _errors.raise_recorded(np.asarray(state.error), leaf_names(state.w_hi), "revoptax.reversible_sgd")
+  _errors.raise_recorded(
+    np.asarray(state.error), leaf_names(state.exact), "revoptax.reversible_sgd"
+  )

@@ -8,6 +8,7 @@ import pytest
 from conftest import cross_entropy, init_mlp, words_equal
 
 import revoptax
+from revoptax._sgd import _unpack
 
 
 def mixed_params():
@@ -135,10 +136,10 @@ def test_params_equal_exact_weights_rounded_or_are_logged():
   rule = revoptax.MomentumSGDRule()
 
   def mismatches(state, params):
-    words = zip(jax.tree.leaves(state.w_hi), jax.tree.leaves(state.w_lo))
+    _, exact, _, _ = _unpack(state)
     return sum(
-      jnp.sum(rule.fixed.to_float(revoptax.Fixed(hi, lo)) != value)
-      for (hi, lo), value in zip(words, jax.tree.leaves(params))
+      jnp.sum(rule.fixed.to_float(leaf.w) != value)
+      for leaf, value in zip(exact, jax.tree.leaves(params))
     )
 
   @jax.jit
