@@ -319,8 +319,10 @@ def steps_section(steps) -> list[str]:
     "",
     f"Digits MLP, batch 100, `reversible_sgd(α={s['alpha']:g}, γ={s['gamma']:g})` vs "
     f"`optax.sgd({s['alpha'] * (1 - s['gamma']):g}, momentum={s['gamma']:g})` (the same update). "
+    "The three optimizers of a loop are timed interleaved, call by call, so that the "
+    "machine's slow phases hit them alike. "
     f"Per-call loops: median over {s['steps']} steps after {s['warmup']} warm-up steps, each "
-    "call followed by `block_until_ready`; scan loop: median of 3 calls of "
+    "call followed by `block_until_ready`; scan loop: median of 5 calls of "
     f"{s['steps']} steps, per step. revoptax source: "
     f"`{steps.get('machine', {}).get('revoptax_source', 'unrecorded')}`.",
     "",
@@ -364,7 +366,11 @@ def profile_section(profile) -> list[str]:
     "",
     f"`benchmarks/profile_revoptax.py`: digits MLP, T = {profile['steps']:,}, "
     f"γ = {profile['gamma']:g}, medians of {profile.get('repeats', 3)} runs; revoptax source "
-    f"`{profile.get('machine', {}).get('revoptax_source', 'unrecorded')}`.",
+    f"`{profile.get('machine', {}).get('revoptax_source', 'unrecorded')}`. The rows are timed "
+    "one after another, not interleaved, so differences of 20 % or less between them can be "
+    "this machine's noise (for example an interleaved A/B with the gradient fingerprints "
+    "replaced by a constant showed no difference from the default, against the "
+    "`check_drift=False` row here).",
     "",
     "| computation | seconds | × float forward |",
     "|---|---|---|",
@@ -460,8 +466,9 @@ def render(hyper, steps, profile=None) -> str:
       lines += summary_table(rows, model, gamma)
     lines += [
       "Rows at T = 100,000 are compiled only (XLA memory). Timing revoptax there takes about "
-      "10 minutes on this machine (three runs of 100,000 reversed steps plus the forward runs, "
-      "at about 1 ms per step); `python benchmarks/hypergradient.py --with-100k` does it.",
+      "6 minutes on this machine (three runs of 100,000 reversed steps plus the forward runs, "
+      "at about 0.6 ms per step as at T = 10,000); "
+      "`python benchmarks/hypergradient.py --with-100k` does it.",
       "",
     ]
     if plot_memory(rows):
