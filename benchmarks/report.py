@@ -465,9 +465,9 @@ def render(hyper, steps, profile=None) -> str:
     for model, gamma in sorted({(r["model"], r["gamma"]) for r in rows}, key=_group_order):
       lines += summary_table(rows, model, gamma)
     lines += [
-      "Rows at T = 100,000 are compiled only (XLA memory). Timing revoptax there takes about "
-      "6 minutes on this machine (three runs of 100,000 reversed steps plus the forward runs, "
-      "at about 0.6 ms per step as at T = 10,000); "
+      "Rows at T = 100,000 not marked as timed are compiled only (XLA memory). Timing revoptax "
+      "there takes about 7 minutes on this machine (three runs of 100,000 reversed steps plus "
+      "the forward runs, at about 0.7 ms per step): "
       "`python benchmarks/hypergradient.py --with-100k` does it.",
       "",
     ]
