@@ -169,18 +169,14 @@ def _divmod_u64(num, den):
   quotient is estimated in float64 (relative error at most 3 * 2**-53 even
   as a multiplication by a reciprocal, so within 25 of the truth for the
   quotients below 2**56 that occur here) and corrected exactly: the remainder
-  of the estimate is below 2**23 in magnitude, and its quotient by ``den`` is
-  estimated in float32 and corrected by one in integers.
+  of the estimate lies in ``(-26 den, 26 den)``, and its floor quotient by
+  ``den`` comes from :func:`_floor_div_small` after adding ``32 den``.
   """
   den64 = jnp.broadcast_to(den, num.shape).astype(U64)
   q = (num.astype(jnp.float64) / den64.astype(jnp.float64)).astype(U64)
-  rem = (num - q * den64).astype(I64)  # |rem| < 2**24: exact despite wrapping
-  d = den64.astype(I64)
-  fix = jnp.floor(rem.astype(jnp.float32) / d.astype(jnp.float32)).astype(I64)
-  rem = rem - fix * d
-  fix = fix - (rem < 0).astype(I64) + (rem >= d).astype(I64)
-  rem = jnp.where(rem < 0, rem + d, jnp.where(rem >= d, rem - d, rem))
-  return q + fix.astype(U64), rem.astype(U32)
+  rem = num - q * den64  # small, so exact despite wrapping
+  fix = _floor_div_small((rem + 32 * den64).astype(U32), den64.astype(U32)).astype(U64) - 32
+  return q + fix, (rem - fix * den64).astype(U32)
 
 
 def multiply(v: Fixed, buf: BufferState, n, step, momentum_bits: int):

@@ -289,7 +289,7 @@ def _init_meta(rows: int, max_steps: int):
   )
 
 
-def _print_index(meta, stack, t):
+def _print_index(stack, t):
   """Position of step ``t``'s gradient fingerprint in a leaf's ``meta``."""
   return 2 + stack.shape[0] + t
 
@@ -494,7 +494,7 @@ def reversible_sgd(
     _, exact, logs, metas = _unpack(state)
     metas = [
       jax.lax.dynamic_update_index_in_dim(
-        m, _bits_as(fingerprint(g), jnp.int32), _print_index(m, e.buffer.stack, t), 0
+        m, _bits_as(fingerprint(g), jnp.int32), _print_index(e.buffer.stack, t), 0
       )
       for m, e, g in zip(metas, exact, grads)
     ]
@@ -551,7 +551,7 @@ def reversible_sgd(
     drift = jnp.stack(
       [
         _bits_as(fingerprint(g), jnp.int32)
-        != jax.lax.dynamic_index_in_dim(m, _print_index(m, s, t), 0, False)
+        != jax.lax.dynamic_index_in_dim(m, _print_index(s, t), 0, False)
         for g, m, s in zip(grads, metas, stacks)
       ]
     )
@@ -559,7 +559,7 @@ def reversible_sgd(
       {"drift": drift}, leaf_names(treedef.unflatten(grads)), api + " inverse", step=t
     )
     metas = [
-      jax.lax.dynamic_update_index_in_dim(m, jnp.int32(0), _print_index(m, s, t), 0)
+      jax.lax.dynamic_update_index_in_dim(m, jnp.int32(0), _print_index(s, t), 0)
       for m, s in zip(metas, stacks)
     ]
     exact = [
