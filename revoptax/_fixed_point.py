@@ -118,16 +118,13 @@ class FixedPointFormat:
   def max_abs(self) -> float:
     return 2.0**self.int_bits
 
-  @property
-  def _hi_limit(self) -> int:
-    return 1 << (self.int_bits + self.radix_bits - 32)
-
   def zeros(self, shape) -> Fixed:
     return Fixed(jnp.zeros(shape, I32), jnp.zeros(shape, U32))
 
   def in_range(self, x: Fixed) -> jax.Array:
     """Elementwise ``|x| < 2**int_bits`` (exact)."""
-    return (x.hi >= -self._hi_limit) & (x.hi < self._hi_limit)
+    with exact_scope():
+      return self.in_range_int(join(x))
 
   def in_range_int(self, k) -> jax.Array:
     """:meth:`in_range` of ``int64`` integers; inside :func:`exact_scope`."""
