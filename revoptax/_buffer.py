@@ -147,36 +147,50 @@ def _freq_cdf(s, a, rr, boundary):
   return f, cdf
 
 
-def _floor_div_small(num, den):
+def _reciprocal(den):
+  """``float64`` ``fl(1 / den)``; computed once per leaf for the divisions below."""
+  with exact_scope():
+    return 1.0 / jnp.asarray(den).astype(jnp.float64)
+
+
+def _floor_div_small(num, den, inv=None):
   """``num // den`` for ``num < 2**24`` and ``1 <= den < 2**17`` (uint32).
 
-  Vector units have no integer division, so the quotient is estimated with a
-  float32 division (within one of the truth even if the compiler turns the
-  division into a multiplication by a reciprocal) and corrected exactly in
-  integers.
+  Vector units have no integer division and dividing is slow, so the quotient
+  is ``floor((num + 1/2) * fl(1/den))`` in float64 (``inv``: the reciprocal,
+  from :func:`_reciprocal`).  This is exact: ``(num + 1/2) / den`` lies at
+  least ``1 / (2 den) >= 2**-18`` from an integer, and the computed product is
+  within ``2**-52`` relative (``2**-28`` absolute) of it.
   """
-  q = jnp.floor(num.astype(jnp.float32) / den.astype(jnp.float32)).astype(I32)
-  rem = num.astype(I32) - q * den.astype(I32)
-  q = q - (rem < 0).astype(I32) + (rem >= den.astype(I32)).astype(I32)
-  return q.astype(U32)
+  with exact_scope():
+    if inv is None:
+      inv = _reciprocal(den)
+    return jnp.floor((num.astype(jnp.float64) + 0.5) * inv).astype(U32)
+
+
+def _quotient(num, den, inv):
+  """``num // den`` (``int64``) for ``0 <= num < 2**64`` and ``2 <= den < 2**17``.
+
+  Inside :func:`exact_scope`; ``inv = fl(1/den)``.  The estimate
+  ``trunc(fl(num) * inv)`` is within ``3 * 2**-53`` relative of ``num / den``,
+  so within 25 of the quotient (which is below ``2**63``); the remainder of the
+  estimate, computed exactly in wrapping 64-bit integers, is below ``2**22``
+  in magnitude, and its floor quotient is exact by the argument of
+  :func:`_floor_div_small`.  No division instruction is used.
+  """
+  q = (num.astype(jnp.float64) * inv).astype(I64)
+  rem = (num.astype(U64) - q.astype(U64) * den.astype(U64)).astype(I64)
+  return q + jnp.floor((rem.astype(jnp.float64) + 0.5) * inv).astype(I64)
 
 
 def _divmod_u64(num, den):
-  """``(num // den, num % den)`` for ``uint64`` num and ``1 <= den < 2**17``.
+  """``(num // den, num % den)`` for ``uint64`` num and ``2 <= den < 2**17``.
 
-  Inside :func:`exact_scope`.  x86 vector units have no 64-bit integer
-  division (each element would go through the scalar divider), so the
-  quotient is estimated in float64 (relative error at most 3 * 2**-53 even
-  as a multiplication by a reciprocal, so within 25 of the truth for the
-  quotients below 2**56 that occur here) and corrected exactly: the remainder
-  of the estimate lies in ``(-26 den, 26 den)``, and its floor quotient by
-  ``den`` comes from :func:`_floor_div_small` after adding ``32 den``.
+  Inside :func:`exact_scope`; see :func:`_quotient`.
   """
-  den64 = jnp.broadcast_to(den, num.shape).astype(U64)
-  q = (num.astype(jnp.float64) / den64.astype(jnp.float64)).astype(U64)
-  rem = num - q * den64  # small, so exact despite wrapping
-  fix = _floor_div_small((rem + 32 * den64).astype(U32), den64.astype(U32)).astype(U64) - 32
-  return q + fix, (rem - fix * den64).astype(U32)
+  den = jnp.broadcast_to(den, num.shape)
+  q = _quotient(num, den, _reciprocal(den))
+  return q.astype(U64), (num - q.astype(U64) * den.astype(U64)).astype(U32)
 
 
 def multiply(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
@@ -221,12 +235,13 @@ def push_pop(value, head, n, momentum_bits: int):
   k = momentum_bits
   n = jnp.asarray(n, U32)
   a, rr, boundary = _symbol_table(n, k)  # per leaf, before broadcasting
+  inv_a, inv_a1 = _reciprocal(a), _reciprocal(a + 1)
   r = (value & ((1 << k) - 1)).astype(U32)
   # X = head * 2**k + r;  c = X mod M (24 bits);  X // M = head >> 8.
   c = ((head & 0xFF).astype(U32) << k) | r
   first = c < boundary
-  s = jnp.where(first, _floor_div_small(c, a + 1), rr + _floor_div_small(c - boundary, a))
-  s = materialize(s)  # one symbol for both outputs
+  s = _floor_div_small(jnp.where(first, c, c - boundary), None, jnp.where(first, inv_a1, inv_a))
+  s = materialize(jnp.where(first, s, rr + s))  # one symbol for both outputs
   f, cdf = _freq_cdf(s, a, rr, boundary)
   # rANS decode: head' = f * (X // M) + c - cdf < f * 2**48 <= 2**64 for head < 2**56.
   head = f.astype(U64) * (head >> 8) + (c - cdf).astype(U64)
@@ -238,18 +253,19 @@ def pop_push(value, head, n, momentum_bits: int):
   k = momentum_bits
   n = jnp.asarray(n, U32)
   a, rr, boundary = _symbol_table(n, k)
+  inv_a, inv_a1 = _reciprocal(a), _reciprocal(a + 1)
   # Signed floor divmod of v' by n: for negative v', use ~v' = -v' - 1 >= 0.
+  # Only the quotients are materialized; remainders are re-derived from them.
   neg = value < 0
-  mag = jnp.where(neg, ~value, value).astype(U64)
-  q, rem = _divmod_u64(mag, n)
-  q = q.astype(I64)
-  q = jnp.where(neg, ~q, q)
+  mag = jnp.where(neg, ~value, value)
+  q = materialize(_quotient(mag, n, _reciprocal(n)))
+  rem = (mag - q * n.astype(I64)).astype(U32)
   s = jnp.where(neg, n - 1 - rem, rem)
-  s, q = materialize((s, q))
+  q = jnp.where(neg, ~q, q)
   # rANS encode of s: X // M = head // f, X mod M = head mod f + cdf.
   f, cdf = _freq_cdf(s, a, rr, boundary)
-  shifted, c = _divmod_u64(head, f)
-  c = c + cdf
+  shifted = materialize(_quotient(head, f, jnp.where(s < rr, inv_a1, inv_a)).astype(U64))
+  c = materialize((head - shifted * f.astype(U64)).astype(U32) + cdf)
   head = (shifted << 8) | (c >> k).astype(U64)
   return (q << k) | (c & ((1 << k) - 1)).astype(I64), head
 
