@@ -81,7 +81,13 @@ class MomentumSGDRule:
     return self.fixed.to_float(leaf.w, dtype)
 
   def step_leaf(self, leaf: ExactLeaf, grad, alpha, gamma, t):
-    """One exact forward step of one leaf; returns ``(leaf', flags)``."""
+    """One exact forward step of one leaf; returns ``(leaf', flags)``.
+
+    ``flags["nonfinite"]`` and ``flags["range"]`` are per element (reduce them
+    as the loop needs: :func:`revoptax.train` keeps the first failing step per
+    element, so no reduction runs inside its loop); ``"momentum"`` and
+    ``"buffer"`` are scalars.
+    """
     cd = _compute_dtype(grad.dtype)
     n = self.quantize_momentum(gamma)
     one_minus = 1 - buffer_lib.dequantize_momentum(n, self.momentum_bits, cd)
@@ -96,11 +102,11 @@ class MomentumSGDRule:
       v = materialize(v - dv)
       dw, dw_ok = self.fixed.quantize(jnp.asarray(alpha, cd) * self.fixed.dequantize(v, cd))
       w = materialize(join(leaf.w) + dw)
-      in_range = jnp.all(dv_ok & dw_ok & self.fixed.in_range_int(v) & self.fixed.in_range_int(w))
+      in_range = dv_ok & dw_ok & self.fixed.in_range_int(v) & self.fixed.in_range_int(w)
       new_leaf = ExactLeaf(split(w), split(v), buf)
     flags = {
       "momentum": ~jnp.all(jnp.isfinite(jnp.asarray(gamma))),
-      "nonfinite": ~jnp.all(jnp.isfinite(g)),
+      "nonfinite": ~jnp.isfinite(g),
       "range": ~in_range,
       "buffer": ~buffer_ok,
     }
@@ -512,7 +518,7 @@ def reversible_sgd(
       new_leaf, leaf_flags = rule.step_leaf(leaf, g, _value_at(a, t), _value_at(m, t), t)
       new_exact.append(new_leaf)
       for key, value in leaf_flags.items():
-        flags.setdefault(key, []).append(value)
+        flags.setdefault(key, []).append(jnp.any(value))
     codes = {key: jnp.stack(values) for key, values in flags.items()}
     if log_ok:
       codes["param_log"] = ~jnp.stack(log_ok)
