@@ -21,6 +21,7 @@ Usage::
 
   python benchmarks/hypergradient.py            # full defaults (~25 min, 2 cores)
   python benchmarks/hypergradient.py --quick    # T=100 only, to test the script
+  python benchmarks/hypergradient.py --cpus 1 --steps 1000 --append  # pinned rows too
 
 Results go to ``benchmarks/results/hypergradient.json`` and
 ``docs/benchmarks.md`` is regenerated (``--quick`` writes
@@ -45,7 +46,7 @@ DEFAULT_OUT = RESULTS / "hypergradient.json"
 QUICK_OUT = RESULTS / "hypergradient_quick.json"
 
 METHODS = ("revoptax", "scan", "checkpoint", "sqrt_chunks")
-ROW_KEYS = ("model", "T", "gamma", "method", "mode")
+ROW_KEYS = ("model", "T", "gamma", "method", "mode", "cpus")
 # The scan reference is computed in-process only up to this params * T (digits
 # T <= 1,000; wide T <= 100): beyond it the stored trajectory takes gigabytes.
 REFERENCE_MAX_PARAM_STEPS = 11_000_000
@@ -58,7 +59,7 @@ def default_rows(quick: bool, with_100k: bool = False) -> list[dict]:
   def add(model, num_steps, gamma, methods=METHODS, mode="full", timeout=None):
     for method in methods:
       row = {"model": model, "T": num_steps, "gamma": gamma, "method": method, "mode": mode}
-      rows.append(row | {"timeout": timeout})
+      rows.append(row | {"cpus": None, "timeout": timeout})
 
   if quick:
     add("digits", 100, 0.9)
@@ -133,7 +134,15 @@ def _max_rel_diff(grads, reference) -> float:
   return max(jax.tree.leaves(diffs))
 
 
-def run_row(model: str, num_steps: int, gamma: float, method: str, mode: str, args) -> dict:
+def pin_to_cpus(cpus: int | None) -> None:
+  """Restrict this process to its first ``cpus`` CPUs (before JAX starts its threads)."""
+  if cpus:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])
+
+
+def run_row(
+  model: str, num_steps: int, gamma: float, method: str, mode: str, cpus: int | None, args
+) -> dict:
   import common
   import jax
 
@@ -145,6 +154,7 @@ def run_row(model: str, num_steps: int, gamma: float, method: str, mode: str, ar
     "gamma": gamma,
     "method": method,
     "mode": mode,
+    "cpus": cpus,
     "revoptax_source": _source_hash(),
   }
   if method == "sqrt_chunks":
@@ -310,6 +320,11 @@ def main(argv=None):
   parser.add_argument("--models", help="comma-separated models to run (default: all)")
   parser.add_argument("--gammas", help="comma-separated momenta to run (default: all)")
   parser.add_argument(
+    "--cpus",
+    type=int,
+    help="pin each row's process to this many CPUs (rows are kept apart from the default ones)",
+  )
+  parser.add_argument(
     "--append",
     action="store_true",
     help="keep the rows already in the output file that this run does not redo",
@@ -322,11 +337,12 @@ def main(argv=None):
 
   if args.worker:
     row = json.loads(args.worker)
+    pin_to_cpus(row.get("cpus"))
     result = run_row(*(row[k] for k in ROW_KEYS), args)
     print("RESULT " + json.dumps(result), flush=True)
     return
 
-  rows = default_rows(args.quick, args.with_100k)
+  rows = [r | {"cpus": args.cpus} for r in default_rows(args.quick, args.with_100k)]
   for flag, key, parse in (
     ("only", "method", str),
     ("steps", "T", int),
@@ -346,6 +362,7 @@ def main(argv=None):
   start = time.perf_counter()
   for i, row in enumerate(rows):
     label = f"{row['model']} T={row['T']} gamma={row['gamma']} {row['method']}"
+    label += f" (pinned to {row['cpus']} CPU)" if row["cpus"] else ""
     print(f"[{i + 1}/{len(rows)}] {label} ...", file=sys.stderr, flush=True)
     result = run_in_subprocess(row, args)
     document["rows"].append(result)

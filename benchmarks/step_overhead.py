@@ -28,9 +28,10 @@ scan loop the median of 5 interleaved calls divided by the number of steps.
 
 Usage::
 
-  python benchmarks/step_overhead.py [--steps 500] [--warmup 50]
+  python benchmarks/step_overhead.py [--steps 500] [--warmup 50] [--cpus 1]
 
-Writes ``benchmarks/results/step_overhead.json`` and regenerates
+Writes ``benchmarks/results/step_overhead.json`` (with ``--cpus 1``, the
+process pinned to one CPU: ``step_overhead_1cpu.json``) and regenerates
 ``docs/benchmarks.md``.
 """
 
@@ -211,9 +212,20 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--steps", type=int, default=500, help="timed steps per loop")
   parser.add_argument("--warmup", type=int, default=50, help="untimed steps first")
-  parser.add_argument("--out", type=Path, default=OUT)
+  parser.add_argument("--out", type=Path, help="output JSON (default: results/step_overhead.json)")
+  parser.add_argument(
+    "--cpus",
+    type=int,
+    help="pin the process to this many CPUs (default output: results/step_overhead_1cpu.json)",
+  )
   parser.add_argument("--no-report", action="store_true", help="do not regenerate the docs")
   args = parser.parse_args(argv)
+  if args.cpus:  # before JAX's CPU client exists (it sizes its thread pool then)
+    from hypergradient import pin_to_cpus
+
+    pin_to_cpus(args.cpus)
+  default_out = OUT.with_name(f"step_overhead_{args.cpus}cpu.json") if args.cpus else OUT
+  args.out = args.out or default_out
 
   batches, labels, _, _ = common.load_digits()
   results = {}
@@ -240,13 +252,19 @@ def main(argv=None):
 
   document = {
     "machine": machine_info(),
-    "settings": {"steps": args.steps, "warmup": args.warmup, "alpha": ALPHA, "gamma": GAMMA},
+    "settings": {
+      "steps": args.steps,
+      "warmup": args.warmup,
+      "alpha": ALPHA,
+      "gamma": GAMMA,
+      "cpus": args.cpus,
+    },
     "loops": results,
   }
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps(document, indent=1))
   print(f"wrote {args.out}", file=sys.stderr)
-  if args.out == OUT and not args.no_report:
+  if args.out == default_out and not args.no_report:
     import report
 
     report.main([])
