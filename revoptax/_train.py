@@ -189,6 +189,8 @@ def train(
   exactly (64-bit fixed point, information buffer) and returns the final
   params.  ``jax.grad`` through this function runs training backwards
   (Algorithm 2 of Maclaurin et al. 2015) instead of storing the trajectory.
+  Leaves with the same dtype and scalar (per-step) schedules are trained as
+  one flat exact state, which changes no value (only how XLA loops over them).
 
   Args:
     loss_fn: ``loss_fn(params, hparams, batch) -> scalar`` (with ``key`` given:

@@ -254,6 +254,27 @@ def test_non_finite_gradient_names_the_step():
     revoptax.train(bad, params, hp, batches, **kw)
 
 
+def test_failures_are_attributed_to_the_leaf_and_step_inside_a_packed_group():
+  # Both leaves share dtype and schedules, so train packs them into one exact
+  # state; the checks still name the leaf and the first step that failed.
+  params = {"a": jnp.ones(3), "b": jnp.full((2, 2), 0.5)}
+  batches = jnp.arange(6.0)  # step t sees batch t
+  kw = dict(num_steps=6, learning_rate=lambda hp, t: 0.1, momentum=lambda hp, t: 0.9)
+
+  def blows_up_at_3(p, hp, x):
+    scale = jnp.where(x == 3.0, jnp.inf, 1.0)
+    return jnp.sum(p["a"] ** 2) + scale * jnp.sum(p["b"] ** 2)
+
+  with pytest.raises(revoptax.ReversibilityError, match=r"leaf \['b'\] is not finite at step 3"):
+    revoptax.train(blows_up_at_3, params, {}, batches, **kw)
+
+  def steep_at_4(p, hp, x):
+    return jnp.sum(p["a"] ** 2) + jnp.where(x == 4.0, 1e9, 0.0) * jnp.sum(p["b"])
+
+  with pytest.raises(revoptax.ReversibilityError, match=r"overflow in leaf \['b'\] at step 4"):
+    revoptax.train(steep_at_4, params, {}, batches, **kw)
+
+
 def test_diverging_training_reports_fixed_point_overflow_under_jit():
   loss_fn, params, hp, batches, kw = simple_problem(
     learning_rate=lambda hp, t: 1e4 * jnp.exp(hp["log_lr"]), num_steps=50
