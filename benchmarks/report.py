@@ -264,23 +264,37 @@ def targets_section(hyper, steps, steps_pinned=None, ratios=None) -> list[str]:
 
 
 def threads_section(hyper, steps_pinned) -> list[str]:
-  """Why some rows are also measured with the process pinned to one CPU."""
-  if not _pinned_rows(hyper) and not steps_pinned:
+  """Why some rows are also measured with the process pinned to one CPU, and what it changes."""
+  pinned = _pinned_rows(hyper)
+  if not pinned and not steps_pinned:
     return []
-  return [
+  lines = [
     "## Threads: all CPUs (JAX's default) and one CPU",
     "",
     "XLA:CPU runs the independent operations of a program concurrently on its thread pool "
-    "(one thread per CPU the process may use). On this 2-core virtual machine handing work "
-    "to the other core costs more than it saves for models this small: every method here, "
-    "the baselines included, runs faster with the process pinned to one CPU (for example "
-    "`taskset -c 0 python ...`). revoptax's loop bodies have more small independent "
-    "operations (the exact step's stages), so it gains the most. Both configurations are "
-    "reported; each row's ratios compare methods measured in the same configuration. The "
-    "default (all CPUs) is what a user gets without doing anything; pinning is a one-word "
-    "change for anyone training small models on a small machine.",
+    "(one thread per CPU the process may use). On this 2-core virtual machine handing small "
+    "operations to the other core can cost more than it saves. revoptax's loop bodies have "
+    "many small independent operations (the exact step's stages), so they are the most "
+    "exposed; large matrix products gain from the second core. Both configurations are "
+    "reported, and each ratio compares methods measured in the same configuration. The "
+    "default (all CPUs) is what a user gets without doing anything; pinning (for example "
+    "`taskset -c 0 python ...`) is a one-word change worth trying for small models on a "
+    "small machine.",
     "",
+    "| model | T | γ | method | all CPUs (s) | pinned to 1 CPU (s) | pinned / all |",
+    "|---|---|---|---|---|---|---|",
   ]
+  default = _default_rows(hyper)
+  for row in sorted(pinned, key=_row_order):
+    keys = {k: row[k] for k in ("model", "T", "gamma", "method")}
+    other = _find(default, **keys)
+    if not (_ok(row) and _ok(other)):
+      continue
+    lines.append(
+      f"| {row['model']} | {row['T']:,} | {row['gamma']:g} | {row['method']} "
+      f"| {other['run_s']:.3g} | {row['run_s']:.3g} | {row['run_s'] / other['run_s']:.2f}× |"
+    )
+  return lines + [""]
 
 
 def summary_table(rows, model, gamma) -> list[str]:
@@ -532,11 +546,14 @@ def render(hyper, steps, profile=None, steps_pinned=None, ratios=None) -> str:
     lines += ["## Hypergradients: time and memory", ""]
     for model, gamma in sorted({(r["model"], r["gamma"]) for r in rows}, key=_group_order):
       lines += summary_table(rows, model, gamma)
+    longest = _find(rows, method="revoptax", model="digits", T=100000, gamma=0.9)
+    per_step = ""
+    if _ok(longest):
+      per_step = f", at {longest['run_s'] / 100000 * 1e3:.2g} ms per step in the last run"
     lines += [
       "Rows at T = 100,000 not marked as timed are compiled only (XLA memory). Timing revoptax "
-      "there takes about 7 minutes on this machine (three runs of 100,000 reversed steps plus "
-      "the forward runs, at about 0.7 ms per step): "
-      "`python benchmarks/hypergradient.py --with-100k` does it.",
+      "there takes several minutes on this machine (three runs of 100,000 reversed steps plus "
+      f"the forward runs{per_step}): `python benchmarks/hypergradient.py --with-100k` does it.",
       "",
     ]
     if plot_memory(rows):
