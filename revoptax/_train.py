@@ -124,26 +124,22 @@ class _Group:
 
 
 def _groups(leaves, alphas, alpha_of, gammas, gamma_of, rows) -> tuple[_Group, ...]:
-  groups, index = [], {}
+  members = {}  # group key -> leaf indices, in order of first appearance
   for i, leaf in enumerate(leaves):
-    dtype = jnp.asarray(leaf).dtype
     flat = alphas[alpha_of[i]].ndim == 1 and gammas[gamma_of[i]].ndim == 1
-    key = (dtype, alpha_of[i], gamma_of[i], rows[i]) if flat else ("alone", i)
-    if key not in index:
-      index[key] = len(groups)
-      groups.append([])
-    groups[index[key]].append(i)
+    key = (jnp.asarray(leaf).dtype, alpha_of[i], gamma_of[i], rows[i]) if flat else ("alone", i)
+    members.setdefault(key, []).append(i)
   return tuple(
     _Group(
-      leaves=tuple(members),
-      shapes=tuple(tuple(np.shape(leaves[i])) for i in members),
-      flat=alphas[alpha_of[members[0]]].ndim == 1 and gammas[gamma_of[members[0]]].ndim == 1,
-      alpha=alpha_of[members[0]],
-      gamma=gamma_of[members[0]],
-      dtype=jnp.asarray(leaves[members[0]]).dtype,
-      rows=rows[members[0]],
+      leaves=tuple(group),
+      shapes=tuple(tuple(np.shape(leaves[i])) for i in group),
+      flat=key[0] != "alone",
+      alpha=alpha_of[group[0]],
+      gamma=gamma_of[group[0]],
+      dtype=jnp.asarray(leaves[group[0]]).dtype,
+      rows=rows[group[0]],
     )
-    for members in groups
+    for key, group in members.items()
   )
 
 
@@ -582,7 +578,6 @@ def _run_bwd(config, saved, cotangents):
       h_float if need_h else [],
       batch_f if need_b else [],
     )
-    g_leaves = g
     g = [group.pack(g) for group in groups]
     if config.check_drift:
       drift = jnp.where((drift < 0) & (fingerprint_all(g) != prints[t]), t, drift).astype(jnp.int32)
@@ -605,8 +600,7 @@ def _run_bwd(config, saved, cotangents):
       d_g.append(dg_i.astype(g_i.dtype))
       d_alpha[group.alpha] = d_alpha[group.alpha] + da_i.astype(a.dtype)
       d_gamma[group.gamma] = d_gamma[group.gamma] + dm_i.astype(m.dtype)
-    d_g = _unpack_all(config, d_g)
-    dp_hvp, dh_hvp, db_hvp = hvp([x.astype(y.dtype) for x, y in zip(d_g, g_leaves)])
+    dp_hvp, dh_hvp, db_hvp = hvp(_unpack_all(config, d_g))
     d_w = [x + group.pack(dp_hvp).astype(x.dtype) for x, group in zip(new_d_w, groups)]
     d_h = [x + y for x, y in zip(d_h, dh_hvp)]
     d_b = [
