@@ -168,9 +168,10 @@ def _time_target_lines(rows, where: str, interleaved=None) -> list[str]:
     if same:
       value = same[f"ratio_{base}"]
       low, high = same[f"ratio_{base}_quartiles"]
+      source = interleaved.get("machine", {}).get("revoptax_source", "unrecorded")
       parts.append(
         f"{value:.2f}× interleaved in one process (median of {same['rounds']} per-round "
-        f"ratios, quartiles {low:.2f}–{high:.2f}×)"
+        f"ratios, quartiles {low:.2f}–{high:.2f}×; source `{source}`)"
       )
     if _ok(rev) and _ok(other):
       # Each row is normalized by the forward pass timed in its own subprocess,
