@@ -281,6 +281,12 @@ class ReversibleSGDState(NamedTuple):
     return jax.tree.map(lambda m: m[1], self.meta)
 
 
+def _any_bits(high, low):
+  """``2 * any(high) + any(low)`` (``uint8``) of two boolean arrays, in one reduction."""
+  bits = (high.astype(jnp.uint8) << 1) | low.astype(jnp.uint8)
+  return jax.lax.reduce(bits.ravel(), jnp.uint8(0), jax.lax.bitwise_or, (0,))
+
+
 def _bits_as(x, dtype):
   return jax.lax.bitcast_convert_type(x, dtype)
 
@@ -517,8 +523,11 @@ def reversible_sgd(
     for leaf, g, a, m in zip(exact, grads, alphas, gammas):
       new_leaf, leaf_flags = rule.step_leaf(leaf, g, _value_at(a, t), _value_at(m, t), t)
       new_exact.append(new_leaf)
+      # One reduction for both per-element checks (each costs two thunks on CPU).
+      either = _any_bits(leaf_flags["nonfinite"], leaf_flags["range"])
+      leaf_flags = {**leaf_flags, "nonfinite": (either & 2) != 0, "range": (either & 1) != 0}
       for key, value in leaf_flags.items():
-        flags.setdefault(key, []).append(jnp.any(value))
+        flags.setdefault(key, []).append(value)
     codes = {key: jnp.stack(values) for key, values in flags.items()}
     if log_ok:
       codes["param_log"] = ~jnp.stack(log_ok)
