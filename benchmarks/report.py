@@ -136,10 +136,15 @@ def machine_section(hyper, steps, profile) -> list[str]:
   if len(hashes) == 1:
     lines.append(f"- revoptax sources (sha256 of `revoptax/*.py`): `{next(iter(hashes))}`")
   elif hashes:
+
+    def measured(items):
+      names = sorted({x if isinstance(x, str) else "hypergradient rows" for x in items})
+      return ", ".join(names)
+
+    listed = "; ".join(f"`{h}`: {measured(items)}" for h, items in hashes.items())
     lines.append(
-      "- revoptax was being edited while the benchmarks ran: the revoptax rows measured "
-      f"{len(hashes)} versions of its sources (sha256 of `revoptax/*.py`, first 12 hex "
-      "digits, in the tables' `source` column)"
+      f"- The results come from {len(hashes)} versions of the revoptax sources (sha256 of "
+      f"`revoptax/*.py`, first 12 hex digits; each revoptax row names its own): {listed}"
     )
   return lines + [""]
 
