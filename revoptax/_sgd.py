@@ -73,9 +73,10 @@ class MomentumSGDRule:
     return buffer_lib.dequantize_momentum(self.quantize_momentum(gamma), self.momentum_bits, dtype)
 
   def init_leaf(self, param, rows: int):
+    """``(leaf, ok)``: the exact state of ``param``; ``ok`` per element (in range)."""
     w, ok = self.fixed.from_float(param)
     leaf = ExactLeaf(w, self.fixed.zeros(w.lo.shape), buffer_lib.init(w.lo.shape, rows))
-    return leaf, jnp.all(ok)
+    return leaf, ok
 
   def params(self, leaf: ExactLeaf, dtype):
     return self.fixed.to_float(leaf.w, dtype)
@@ -483,7 +484,7 @@ def reversible_sgd(
       rows = buffer_rows(rule, _concrete_values(g, max_steps), max_steps, momentum_floor)
       leaf, ok = rule.init_leaf(p, rows)
       exact.append(leaf)
-      oks.append(ok)
+      oks.append(jnp.all(ok))
     _errors.raise_on_failure({"range": ~jnp.stack(oks)}, names, api, step=0)
     logs = [
       _param_log.init(

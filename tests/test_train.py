@@ -274,6 +274,10 @@ def test_failures_are_attributed_to_the_leaf_and_step_inside_a_packed_group():
   with pytest.raises(revoptax.ReversibilityError, match=r"overflow in leaf \['b'\] at step 4"):
     revoptax.train(steep_at_4, params, {}, batches, **kw)
 
+  too_large = {"a": params["a"], "b": params["b"].at[1, 0].set(1e6)}  # |x| >= 2**16 at init
+  with pytest.raises(revoptax.ReversibilityError, match=r"overflow in leaf \['b'\] at step 0"):
+    revoptax.train(steep_at_4, too_large, {}, batches, **kw)
+
 
 def test_diverging_training_reports_fixed_point_overflow_under_jit():
   loss_fn, params, hp, batches, kw = simple_problem(
