@@ -436,9 +436,9 @@ def reversible_sgd(
     on_error: what a failed check in ``update`` does (non-finite gradient,
       fixed-point overflow, buffer or log capacity).  ``"raise"`` (default):
       raise :class:`revoptax.ReversibilityError` naming the step and leaf (a
-      ``JaxRuntimeError`` under ``jit``; it puts a host callback in every
-      update, which costs about 4 ms per jitted call on CPU).  ``"nan"``: no
-      callback; the first failure is recorded in ``state.error``, every later
+      runtime error with that message under ``jit``, from a host callback
+      that runs only when a check fails).  ``"nan"``: no callback; the first
+      failure is recorded in ``state.error``, every later
       update is NaN (so the params become NaN), and :func:`revoptax.check` or
       ``inverse`` raises the message.
 
@@ -485,7 +485,7 @@ def reversible_sgd(
       leaf, ok = rule.init_leaf(p, rows)
       exact.append(leaf)
       oks.append(jnp.all(ok))
-    _errors.raise_on_failure({"range": ~jnp.stack(oks)}, names, api, step=0)
+    checked = _errors.raise_on_failure({"range": ~jnp.stack(oks)}, names, api, step=0, token=True)
     logs = [
       _param_log.init(
         jnp.asarray(p).dtype,
@@ -494,7 +494,7 @@ def reversible_sgd(
       for p in leaves
     ]
     metas = [_init_meta(leaf.buffer.stack.shape[0], max_steps) for leaf in exact]
-    no_error = jnp.full((3,), -1, jnp.int32)
+    no_error = jnp.full((3,), -1, jnp.int32) + checked
     return _pack(jnp.zeros((), jnp.int32), no_error, treedef, exact, logs, metas)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -537,8 +537,8 @@ def reversible_sgd(
       for leaf, g, u in zip(new_exact, grads, used)
     ]
     error = state.error
-    if on_error == "raise":
-      _errors.raise_on_failure(codes, names, api, step=t)
+    if on_error == "raise":  # effect free, so jit keeps its fast dispatch path
+      error = error + _errors.raise_on_failure(codes, names, api, step=t, token=True)
     else:  # no host callback: record the failure and poison the updates
       error = jnp.where(error[0] >= 0, error, _errors.failure_code(codes, t))
       new_updates = [jnp.where(error[0] >= 0, jnp.nan, u) for u in new_updates]
@@ -549,7 +549,9 @@ def reversible_sgd(
     t = state.step - 1
     treedef, exact, logs, metas = _unpack(state)
     stacks = [leaf.buffer.stack for leaf in exact]
-    _errors.raise_recorded(state.error, leaf_names(state.exact), api + " inverse")
+    checked = _errors.raise_recorded(
+      state.error, leaf_names(state.exact), api + " inverse", token=True
+    )
     template = treedef.unflatten([0] * treedef.num_leaves)
     alphas = _spec_leaves(learning_rate, template)
     gammas = _spec_leaves(momentum, template)
@@ -571,8 +573,8 @@ def reversible_sgd(
         for g, m, s in zip(grads, metas, stacks)
       ]
     )
-    _errors.raise_on_failure(
-      {"drift": drift}, leaf_names(treedef.unflatten(grads)), api + " inverse", step=t
+    checked = checked + _errors.raise_on_failure(
+      {"drift": drift}, leaf_names(treedef.unflatten(grads)), api + " inverse", step=t, token=True
     )
     metas = [
       jax.lax.dynamic_update_index_in_dim(m, jnp.int32(0), _print_index(s, t), 0)
@@ -582,7 +584,7 @@ def reversible_sgd(
       rule.unstep_velocity_leaf(leaf, g, _value_at(m, t), t)
       for leaf, g, m in zip(exact, grads, gammas)
     ]
-    previous = _pack(t, state.error, treedef, exact, logs, metas)
+    previous = _pack(t, state.error + checked, treedef, exact, logs, metas)
     return previous, params
 
   return ReversibleTransformation(init_fn, update_fn, inverse_fn)

@@ -233,6 +233,33 @@ def test_non_finite_gradient_raises():
     tx.update({"w": jnp.asarray([0.0, jnp.nan, 1.0])}, state, params)
 
 
+def test_update_and_inverse_checks_have_no_side_effects_under_jit():
+  # A side effect in a jit function costs JAX's fast dispatch path on every call.
+  tx = revoptax.reversible_sgd(0.1, 0.9, max_steps=10)
+  params = {"w": jnp.ones(3)}
+  state = tx.init(params)
+  grads = {"w": jnp.ones(3)}
+  assert not jax.make_jaxpr(lambda g, s: tx.update(g, s, params))(grads, state).effects
+  _, later = tx.update(grads, state, params)
+  assert not jax.make_jaxpr(lambda s: tx.inverse(s, lambda p: grads))(later).effects
+  step = jax.jit(lambda g, s: tx.update(g, s, params))
+  jax.block_until_ready(step(grads, state))  # the check does not fire on good input
+  with pytest.raises(Exception, match=r"leaf \['w'\] is not finite at step 0"):
+    jax.block_until_ready(step({"w": jnp.asarray([0.0, jnp.inf, 1.0])}, state))
+
+
+def test_update_raises_under_vmap_for_the_failing_member():
+  tx = revoptax.reversible_sgd(0.1, 0.9, max_steps=10)
+  params = {"w": jnp.ones((4, 3))}
+  state = jax.vmap(tx.init)(params)
+  step = jax.jit(jax.vmap(lambda g, s: tx.update(g, s)))
+  grads = {"w": jnp.ones((4, 3))}
+  updates, _ = step(grads, state)
+  assert updates["w"].shape == (4, 3)
+  with pytest.raises(Exception, match=r"leaf \['w'\] is not finite at step 0"):
+    jax.block_until_ready(step({"w": grads["w"].at[2, 1].set(jnp.nan)}, state))
+
+
 def test_buffer_capacity_exceeded_raises():
   tx = revoptax.reversible_sgd(0.01, 0.5, max_steps=10)
   params = {"w": jnp.ones(3)}
