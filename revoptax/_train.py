@@ -20,7 +20,6 @@ step), the fingerprints and the ``[T]`` schedules.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -36,6 +35,7 @@ from revoptax import _buffer as buffer_lib
 from revoptax import _errors
 from revoptax._determinism import fingerprint_all, isolated
 from revoptax._fixed_point import FixedPointFormat, _compute_dtype
+from revoptax._packing import Group, group_leaves, unpack_groups
 from revoptax._sgd import (
   MomentumSGDRule,
   leaf_names,
@@ -56,7 +56,7 @@ class _Config:
   rule: MomentumSGDRule
   num_steps: int
   num_batches: int
-  groups: tuple[_Group, ...]
+  groups: tuple[Group, ...]
   params_treedef: Any
   leaf_names: tuple[str, ...]
   hparams_int: Any  # (treedef, mask) split of hparams into float / other leaves
@@ -75,81 +75,9 @@ class _Config:
     return self is other
 
 
-@dataclasses.dataclass(frozen=True)
-class _Group:
-  """Leaves trained as one exact state: one flat vector, or one leaf as it is.
-
-  Leaves with the same dtype and the same per-step scalar learning-rate and
-  momentum schedules are concatenated into one flat vector, so each exact
-  operation is one loop over all of them (on the digits MLP's six leaves:
-  forward step 63 -> 42 us, reverse step 137 -> 86 us, measured in one
-  process).  A leaf with per-element schedules is its own group, in its shape.
-  """
-
-  leaves: tuple[int, ...]  # indices into the params leaves, in order
-  shapes: tuple[tuple[int, ...], ...]
-  flat: bool  # concatenated and flattened; False: a single leaf in its shape
-  alpha: int  # index of the learning-rate schedule among the distinct ones
-  gamma: int
-  dtype: Any
-  rows: int
-
-  def pack(self, leaves):
-    """This group's leaves of a full list of leaves, as its exact-state layout."""
-    mine = [leaves[i] for i in self.leaves]
-    if not self.flat:
-      return mine[0]
-    if len(mine) == 1:
-      return jnp.ravel(mine[0])
-    # Written piece by piece into one buffer: a concatenate would be fused into
-    # its consumers, where XLA:CPU evaluates it element by element in scalar
-    # code (measured 44-52 us per step for 6,310 elements).
-    out = jnp.zeros((sum(math.prod(shape) for shape in self.shapes),), mine[0].dtype)
-    offset = 0
-    for x in mine:
-      out = lax.dynamic_update_slice_in_dim(out, jnp.ravel(x).astype(out.dtype), offset, 0)
-      offset += x.size
-    return out
-
-  def unpack(self, x) -> list:
-    """The group's leaves (in :attr:`leaves` order) from its layout."""
-    if not self.flat:
-      return [x]
-    out, offset = [], 0
-    for shape in self.shapes:
-      size = math.prod(shape)
-      out.append(x[offset : offset + size].reshape(shape))
-      offset += size
-    return out
-
-
-def _groups(leaves, alphas, alpha_of, gammas, gamma_of, rows) -> tuple[_Group, ...]:
-  members = {}  # group key -> leaf indices, in order of first appearance
-  for i, leaf in enumerate(leaves):
-    flat = alphas[alpha_of[i]].ndim == 1 and gammas[gamma_of[i]].ndim == 1
-    key = (jnp.asarray(leaf).dtype, alpha_of[i], gamma_of[i], rows[i]) if flat else ("alone", i)
-    members.setdefault(key, []).append(i)
-  return tuple(
-    _Group(
-      leaves=tuple(group),
-      shapes=tuple(tuple(np.shape(leaves[i])) for i in group),
-      flat=key[0] != "alone",
-      alpha=alpha_of[group[0]],
-      gamma=gamma_of[group[0]],
-      dtype=jnp.asarray(leaves[group[0]]).dtype,
-      rows=rows[group[0]],
-    )
-    for key, group in members.items()
-  )
-
-
 def _unpack_all(config, xs) -> list:
   """Leaves in params order from one value per group."""
-  out = [None] * len(config.leaf_names)
-  for group, x in zip(config.groups, xs):
-    for i, leaf in zip(group.leaves, group.unpack(x)):
-      out[i] = leaf
-  return out
+  return unpack_groups(config.groups, xs, len(config.leaf_names))
 
 
 def train(
@@ -288,7 +216,13 @@ def train(
     rule=rule,
     num_steps=num_steps,
     num_batches=num_batches,
-    groups=_groups(leaves, alphas, alpha_of, gammas, gamma_of, rows),
+    groups=group_leaves(
+      leaves,
+      [alphas[a].ndim == 1 and gammas[m].ndim == 1 for a, m in zip(alpha_of, gamma_of)],
+      alpha_of,
+      gamma_of,
+      rows,
+    ),
     params_treedef=treedef,
     leaf_names=names,
     hparams_int=h_split,
