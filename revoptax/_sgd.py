@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -37,6 +38,7 @@ from revoptax import _errors, _param_log
 from revoptax._determinism import fingerprint
 from revoptax._fixed_point import Fixed, FixedPointFormat, _compute_dtype, exact_scope, join, split
 from revoptax._fusion import materialize
+from revoptax._packing import Group, group_leaves, unpack_groups
 
 
 class ExactLeaf(NamedTuple):
@@ -236,50 +238,91 @@ def buffer_rows(rule: MomentumSGDRule, momentum_values, num_steps, momentum_floo
 # The Optax transformation.
 
 
-class ReversibleSGDState(NamedTuple):
-  """State of :func:`reversible_sgd`: each field but ``step`` and ``error`` is a params-shaped tree.
+@dataclasses.dataclass(frozen=True, eq=True)
+class StateLayout:
+  """What a :class:`ReversibleSGDState` holds: the params' structure and its groups.
 
-  Like Optax's own states, every field is a tree of arrays with the structure
-  of the params, so containers that rebuild nested state (``nnx.Optimizer``)
-  keep it intact.  Five arrays per parameter leaf (each array costs per-call
-  overhead in ``jit`` and more in ``nnx``), laid out so that an update
-  rewrites only what changes: the words, one stack row, the counts, one
-  fingerprint, and the log entries it appends.
+  Static: a pytree node without leaves (``jax.tree_util.register_static``), so
+  it travels inside the state through ``jit``, ``nnx.Optimizer`` and
+  ``TrainState`` and is part of ``jit``'s cache key, never an array.
+
+  Attributes:
+    treedef: the structure of the params.
+    names: the params leaves' paths (``jax.tree_util.keystr``).
+    groups: the leaves packed into each exact state (see :mod:`revoptax._packing`).
+  """
+
+  treedef: Any
+  names: tuple[str, ...]
+  groups: tuple[Group, ...]
+
+  def __hash__(self):  # the treedef's node data need not be hashable (nnx variables)
+    return hash((self.names, self.groups))
+
+  @property
+  def error_names(self) -> tuple[str, ...]:
+    """Names for error codes: the leaves, then the groups (checks made per group)."""
+    groups = tuple(
+      self.names[g.leaves[0]]
+      if len(g.leaves) == 1
+      else "one of " + ", ".join(self.names[i] for i in g.leaves) + " (packed together)"
+      for g in self.groups
+    )
+    return self.names + groups
+
+
+jax.tree_util.register_static(StateLayout)
+
+
+class ReversibleSGDState(NamedTuple):
+  """State of :func:`reversible_sgd`: one exact state per group of parameter leaves.
+
+  Leaves with the same dtype and the same scalar learning rate and momentum
+  per step share one exact state, laid end to end in one flat vector (a leaf
+  with per-element hyperparameters is a group of its own, in its shape).  So
+  a model with one dtype and one schedule has five state arrays in all,
+  whatever its number of leaves: each array costs per-call overhead in
+  ``jit`` and more in ``nnx``.  An update rewrites only what changes: the
+  words, one stack row, the counts, one fingerprint, and the log entries it
+  appends.
 
   Attributes:
     step: ``int32[]`` number of updates applied.
-    error: ``int32[3]``: ``(category, step, leaf)`` of the first failed check
+    error: ``int32[3]``: ``(category, step, index)`` of the first failed check
       recorded with ``on_error="nan"``, or ``-1`` s (see :func:`check`).
-    exact: ``uint32[6, *shape]`` per leaf: the fixed-point words of the
+    exact: per group, ``uint32[6, n]`` (``n``: the group's elements; a
+      single unflattened leaf keeps its shape): the fixed-point words of the
       weights and the velocity (high word as its bit pattern, then low word)
       and the 64-bit heads of the information buffer (high, low).
-    stack: ``uint32[rows, *shape]`` per leaf: the buffer's spilled rows.
-    meta: ``int32[2 + rows + max_steps]`` per leaf: the buffer's row count,
-      the param log's entry count, the step that spilled each row (-1 if
-      free), and the bit pattern of each step's gradient fingerprint
+    stack: per group, ``uint32[rows, n]``: the buffer's spilled rows.
+    meta: per group, ``int32[2 + rows + max_steps]``: the buffer's row
+      count, the param log's entry count, the step that spilled each row (-1
+      if free), and the bit pattern of each step's gradient fingerprint
       (checked by ``inverse``).
-    log_entries: ``int32[2, log_capacity]`` per leaf: flat index and step of
-      each logged param (:mod:`revoptax._param_log`).
-    log_value: ``[log_capacity]`` per leaf: the logged values.
+    log_entries: per group, ``int32[2, log_capacity]``: flat index (into the
+      group) and step of each logged param (:mod:`revoptax._param_log`).
+    log_value: per group, ``[log_capacity]``: the logged values.
+    layout: the static :class:`StateLayout` (params structure and groups).
   """
 
   step: jax.Array
   error: jax.Array
-  exact: Any
-  stack: Any
-  meta: Any
-  log_entries: Any
-  log_value: Any
+  exact: tuple
+  stack: tuple
+  meta: tuple
+  log_entries: tuple
+  log_value: tuple
+  layout: StateLayout
 
   @property
-  def buffer_size(self):
-    """Rows of spilled buffer in use, per leaf (``int32[]`` each)."""
-    return jax.tree.map(lambda m: m[0], self.meta)
+  def buffer_size(self) -> tuple:
+    """Rows of spilled buffer in use, per group (``int32[]`` each)."""
+    return tuple(m[0] for m in self.meta)
 
   @property
-  def log_size(self):
-    """Entries of the param log in use, per leaf (``int32[]`` each)."""
-    return jax.tree.map(lambda m: m[1], self.meta)
+  def log_size(self) -> tuple:
+    """Entries of the param log in use, per group (``int32[]`` each)."""
+    return tuple(m[1] for m in self.meta)
 
 
 def _any_bits(high, low):
@@ -303,17 +346,13 @@ def _init_meta(rows: int, max_steps: int):
 
 
 def _print_index(stack, t):
-  """Position of step ``t``'s gradient fingerprint in a leaf's ``meta``."""
+  """Position of step ``t``'s gradient fingerprint in a group's ``meta``."""
   return 2 + stack.shape[0] + t
 
 
-def _pack(step, error, treedef, exact, logs, metas) -> ReversibleSGDState:
-  """The state of per-leaf exact states and logs; ``metas`` supplies the fingerprints."""
-
-  def tree(values):
-    return treedef.unflatten(list(values))
-
-  words = [
+def _pack(step, error, layout, exact, logs, metas) -> ReversibleSGDState:
+  """The state of per-group exact states and logs; ``metas`` supplies the fingerprints."""
+  words = tuple(
     jnp.stack(
       [
         _bits_as(e.w.hi, jnp.uint32),
@@ -325,35 +364,31 @@ def _pack(step, error, treedef, exact, logs, metas) -> ReversibleSGDState:
       ]
     )
     for e in exact
-  ]
+  )
   # Only the counts and row steps are written back (in place under donation).
-  metas = [
+  metas = tuple(
     jax.lax.dynamic_update_slice(
       m, jnp.concatenate([e.buffer.size[None], g.size[None], e.buffer.row_step]), (0,)
     )
     for m, e, g in zip(metas, exact, logs)
-  ]
+  )
   return ReversibleSGDState(
     step=step,
     error=error,
-    exact=tree(words),
-    stack=tree(e.buffer.stack for e in exact),
-    meta=tree(metas),
-    log_entries=tree(g.entries for g in logs),
-    log_value=tree(g.value for g in logs),
+    exact=words,
+    stack=tuple(e.buffer.stack for e in exact),
+    meta=metas,
+    log_entries=tuple(g.entries for g in logs),
+    log_value=tuple(g.value for g in logs),
+    layout=layout,
   )
 
 
 def _unpack(state: ReversibleSGDState):
-  """``(treedef, exact leaves, param logs, metas)`` of a state."""
+  """``(layout, exact states, param logs, metas)`` of a state, one of each per group."""
   exact, logs = [], []
-  metas = jax.tree.leaves(state.meta)
   for words, stack, meta, entries, values in zip(
-    jax.tree.leaves(state.exact),
-    jax.tree.leaves(state.stack),
-    metas,
-    jax.tree.leaves(state.log_entries),
-    jax.tree.leaves(state.log_value),
+    state.exact, state.stack, state.meta, state.log_entries, state.log_value
   ):
     rows = stack.shape[0]
     buffer = buffer_lib.BufferState(words[4], words[5], stack, meta[2 : 2 + rows], meta[0])
@@ -365,7 +400,57 @@ def _unpack(state: ReversibleSGDState):
       )
     )
     logs.append(_param_log.ParamLog(entries, values, meta[1]))
-  return jax.tree.structure(state.exact), exact, logs, metas
+  return state.layout, exact, logs, list(state.meta)
+
+
+def _plain_structure(params, treedef):
+  """``treedef`` without flax ``nnx.Variable`` boxes (as ``nnx.as_pure`` would give).
+
+  ``nnx.Optimizer`` calls ``init`` with boxed params and ``update`` with plain
+  arrays; ``inverse`` rebuilds plain params, like the updates.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None or not hasattr(nnx, "Variable"):
+    return treedef
+  plain = jax.tree.structure(params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return plain if plain.num_leaves == treedef.num_leaves else treedef
+
+
+def _is_scalar_spec(spec) -> bool:
+  """Whether a learning-rate/momentum spec gives one value per step (not per element)."""
+  if callable(spec):
+    try:
+      return jax.eval_shape(spec, jax.ShapeDtypeStruct((), jnp.int32)).shape == ()
+    except Exception:  # a schedule that cannot be traced alone: keep its leaf apart
+      return False
+  return np.ndim(spec) == 0
+
+
+def _distinct(specs) -> list[int]:
+  """Per spec, the index of its distinct value (Python numbers by value, others by identity)."""
+  index: dict = {}
+  keys = [("value", s) if isinstance(s, (int, float)) else ("id", id(s)) for s in specs]
+  return [index.setdefault(key, len(index)) for key in keys]
+
+
+def _per_leaf_any(groups, flags, num_leaves):
+  """``bool[num_leaves]``: whether any element of each leaf is set, from per-group flags."""
+  out = [None] * num_leaves
+  for group, f in zip(groups, flags):
+    for i, x in zip(group.leaves, group.unpack(f)):
+      out[i] = jnp.any(x)
+  return jnp.stack(out)
+
+
+def _codes(layout: StateLayout, per_leaf=None, per_group=None) -> dict:
+  """Error codes over ``layout.error_names`` (leaves, then groups) from per-leaf/group flags."""
+  n, g = len(layout.names), len(layout.groups)
+  codes = {}
+  for key, value in (per_leaf or {}).items():
+    codes[key] = jnp.concatenate([value, jnp.zeros((g,), bool)])
+  for key, value in (per_group or {}).items():
+    codes[key] = jnp.concatenate([jnp.zeros((n,), bool), jnp.stack(value)])
+  return codes
 
 
 class ReversibleTransformation(optax.GradientTransformationExtraArgs):
@@ -432,7 +517,8 @@ def reversible_sgd(
       values, else 0.5).
     param_log_capacity: entries per leaf of the log of params that differed
       from the exact weights (default ``256 + size * max_steps / 250``: measured
-      peaks are 0.3% of element updates early in training at learning rate 1).
+      peaks are 0.3% of element updates early in training at learning rate 1);
+      leaves packed into one exact state share one log of the summed capacity.
     on_error: what a failed check in ``update`` does (non-finite gradient,
       fixed-point overflow, buffer or log capacity).  ``"raise"`` (default):
       raise :class:`revoptax.ReversibilityError` naming the step and leaf (a
@@ -478,113 +564,140 @@ def reversible_sgd(
     leaves, treedef = jax.tree.flatten(params)
     names = leaf_names(params)
     _check_dtypes(leaves, names, api)
-    gammas = _spec_leaves(momentum, params)
-    exact, oks = [], []
-    for p, g in zip(leaves, gammas):
-      rows = buffer_rows(rule, _concrete_values(g, max_steps), max_steps, momentum_floor)
-      leaf, ok = rule.init_leaf(p, rows)
+    alphas, gammas = _spec_leaves(learning_rate, params), _spec_leaves(momentum, params)
+    rows = [
+      buffer_rows(rule, _concrete_values(g, max_steps), max_steps, momentum_floor) for g in gammas
+    ]
+    packable = [_is_scalar_spec(a) and _is_scalar_spec(g) for a, g in zip(alphas, gammas)]
+    groups = group_leaves(leaves, packable, _distinct(alphas), _distinct(gammas), rows)
+    layout = StateLayout(_plain_structure(params, treedef), tuple(names), groups)
+    exact, in_range = [], [None] * len(leaves)
+    for group in groups:
+      leaf, ok = rule.init_leaf(group.pack(leaves), group.rows)
       exact.append(leaf)
-      oks.append(jnp.all(ok))
-    checked = _errors.raise_on_failure({"range": ~jnp.stack(oks)}, names, api, step=0, token=True)
+      for i, ok_i in zip(group.leaves, group.unpack(ok)):
+        in_range[i] = jnp.all(ok_i)
+    checked = _errors.raise_on_failure(
+      {"range": ~jnp.stack(in_range)}, names, api, step=0, token=True
+    )
     logs = [
       _param_log.init(
-        jnp.asarray(p).dtype,
-        param_log_capacity or 256 + math.ceil(np.size(p) * max_steps / 250),
+        group.dtype,
+        sum(
+          param_log_capacity or 256 + math.ceil(math.prod(shape) * max_steps / 250)
+          for shape in group.shapes
+        ),
       )
-      for p in leaves
+      for group in groups
     ]
-    metas = [_init_meta(leaf.buffer.stack.shape[0], max_steps) for leaf in exact]
+    metas = [_init_meta(group.rows, max_steps) for group in groups]
     no_error = jnp.full((3,), -1, jnp.int32) + checked
-    return _pack(jnp.zeros((), jnp.int32), no_error, treedef, exact, logs, metas)
+    return _pack(jnp.zeros((), jnp.int32), no_error, layout, exact, logs, metas)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     grads, treedef = jax.tree.flatten(updates)
-    names = leaf_names(updates)
+    layout, exact, logs, metas = _unpack(state)
+    groups, n = layout.groups, len(layout.names)
     t = state.step
     alphas = _spec_leaves(learning_rate, updates)
     gammas = _spec_leaves(momentum, updates)
-    _, exact, logs, metas = _unpack(state)
+    grads = [group.pack(grads) for group in groups]
     metas = [
       jax.lax.dynamic_update_index_in_dim(
         m, _bits_as(fingerprint(g), jnp.int32), _print_index(e.buffer.stack, t), 0
       )
       for m, e, g in zip(metas, exact, grads)
     ]
-    before = [rule.params(leaf, g.dtype) for leaf, g in zip(exact, grads)]
-    log_ok = []
+    before = [rule.params(leaf, group.dtype) for leaf, group in zip(exact, groups)]
+    per_group = {"momentum": [], "buffer": []}
     if params is not None:
-      used = jax.tree.leaves(params)
+      used_leaves = jax.tree.leaves(params)
+      used = [group.pack(used_leaves).astype(b.dtype) for group, b in zip(groups, before)]
+      per_group["param_log"] = []
       for i, (u, b) in enumerate(zip(used, before)):
-        logs[i], ok = _param_log.record(logs[i], jnp.asarray(u).astype(b.dtype), b, t)
-        log_ok.append(ok)
+        logs[i], ok = _param_log.record(logs[i], u, b, t)
+        per_group["param_log"].append(~ok)
     else:
       used = before
-    new_exact, flags = [], {}
-    for leaf, g, a, m in zip(exact, grads, alphas, gammas):
-      new_leaf, leaf_flags = rule.step_leaf(leaf, g, _value_at(a, t), _value_at(m, t), t)
+    new_exact, elementwise, any_bad = [], [], jnp.zeros((), jnp.uint8)
+    for leaf, g, group in zip(exact, grads, groups):
+      a, m = alphas[group.leaves[0]], gammas[group.leaves[0]]
+      new_leaf, flags = rule.step_leaf(leaf, g, _value_at(a, t), _value_at(m, t), t)
       new_exact.append(new_leaf)
-      # One reduction for both per-element checks (each costs two thunks on CPU).
-      either = _any_bits(leaf_flags["nonfinite"], leaf_flags["range"])
-      leaf_flags = {**leaf_flags, "nonfinite": (either & 2) != 0, "range": (either & 1) != 0}
-      for key, value in leaf_flags.items():
-        flags.setdefault(key, []).append(value)
-    codes = {key: jnp.stack(values) for key, values in flags.items()}
-    if log_ok:
-      codes["param_log"] = ~jnp.stack(log_ok)
+      per_group["momentum"].append(flags["momentum"])
+      per_group["buffer"].append(flags["buffer"])
+      elementwise.append((flags["nonfinite"], flags["range"]))
+      # One reduction per group for both per-element checks (each costs two
+      # thunks on CPU); the leaf is found only when one fails.
+      any_bad = any_bad | _any_bits(flags["nonfinite"], flags["range"])
+
+    def per_leaf():
+      return {
+        "nonfinite": _per_leaf_any(groups, [f[0] for f in elementwise], n),
+        "range": _per_leaf_any(groups, [f[1] for f in elementwise], n),
+      }
+
+    none = {"nonfinite": jnp.zeros((n,), bool), "range": jnp.zeros((n,), bool)}
+    found = jax.lax.cond(any_bad != 0, per_leaf, lambda: none)
+    codes = _codes(layout, per_leaf=found, per_group=per_group)
+    # The first category that fails is reported: a bad momentum before what it causes.
+    codes = {
+      k: codes[k] for k in ("momentum", "nonfinite", "range", "buffer", "param_log") if k in codes
+    }
     new_updates = [
-      rule.params(leaf, g.dtype) - jnp.asarray(u).astype(g.dtype)
-      for leaf, g, u in zip(new_exact, grads, used)
+      rule.params(leaf, group.dtype) - u for leaf, group, u in zip(new_exact, groups, used)
     ]
     error = state.error
     if on_error == "raise":  # effect free, so jit keeps its fast dispatch path
-      error = error + _errors.raise_on_failure(codes, names, api, step=t, token=True)
+      checked = _errors.raise_on_failure(codes, layout.error_names, api, step=t, token=True)
+      error = error + checked
     else:  # no host callback: record the failure and poison the updates
       error = jnp.where(error[0] >= 0, error, _errors.failure_code(codes, t))
       new_updates = [jnp.where(error[0] >= 0, jnp.nan, u) for u in new_updates]
-    new_state = _pack(t + 1, error, treedef, new_exact, logs, metas)
-    return treedef.unflatten(new_updates), new_state
+    new_state = _pack(t + 1, error, layout, new_exact, logs, metas)
+    return treedef.unflatten(unpack_groups(groups, new_updates, n)), new_state
 
   def inverse_fn(state, grad_fn):
     t = state.step - 1
-    treedef, exact, logs, metas = _unpack(state)
+    layout, exact, logs, metas = _unpack(state)
+    groups, n = layout.groups, len(layout.names)
     stacks = [leaf.buffer.stack for leaf in exact]
-    checked = _errors.raise_recorded(
-      state.error, leaf_names(state.exact), api + " inverse", token=True
-    )
-    template = treedef.unflatten([0] * treedef.num_leaves)
+    checked = _errors.raise_recorded(state.error, layout.error_names, api + " inverse", token=True)
+    template = layout.treedef.unflatten([0] * n)
     alphas = _spec_leaves(learning_rate, template)
     gammas = _spec_leaves(momentum, template)
-    dtypes = [log.value.dtype for log in logs]
     exact = [
-      rule.unstep_position_leaf(leaf, _value_at(a, t), d)
-      for leaf, a, d in zip(exact, alphas, dtypes)
+      rule.unstep_position_leaf(leaf, _value_at(alphas[group.leaves[0]], t), group.dtype)
+      for leaf, group in zip(exact, groups)
     ]
     params = []
-    for i, (leaf, d) in enumerate(zip(exact, dtypes)):
-      p, logs[i] = _param_log.restore(logs[i], rule.params(leaf, d), t)
+    for i, (leaf, group) in enumerate(zip(exact, groups)):
+      p, logs[i] = _param_log.restore(logs[i], rule.params(leaf, group.dtype), t)
       params.append(p)
-    params = treedef.unflatten(params)
-    grads = jax.tree.leaves(grad_fn(params))
-    drift = jnp.stack(
-      [
-        _bits_as(fingerprint(g), jnp.int32)
-        != jax.lax.dynamic_index_in_dim(m, _print_index(s, t), 0, False)
-        for g, m, s in zip(grads, metas, stacks)
-      ]
-    )
+    params = layout.treedef.unflatten(unpack_groups(groups, params, n))
+    grads = [group.pack(jax.tree.leaves(grad_fn(params))) for group in groups]
+    drift = [
+      _bits_as(fingerprint(g), jnp.int32)
+      != jax.lax.dynamic_index_in_dim(m, _print_index(s, t), 0, False)
+      for g, m, s in zip(grads, metas, stacks)
+    ]
     checked = checked + _errors.raise_on_failure(
-      {"drift": drift}, leaf_names(treedef.unflatten(grads)), api + " inverse", step=t, token=True
+      _codes(layout, per_group={"drift": drift}),
+      layout.error_names,
+      api + " inverse",
+      step=t,
+      token=True,
     )
     metas = [
       jax.lax.dynamic_update_index_in_dim(m, jnp.int32(0), _print_index(s, t), 0)
       for m, s in zip(metas, stacks)
     ]
     exact = [
-      rule.unstep_velocity_leaf(leaf, g, _value_at(m, t), t)
-      for leaf, g, m in zip(exact, grads, gammas)
+      rule.unstep_velocity_leaf(leaf, g, _value_at(gammas[group.leaves[0]], t), t)
+      for leaf, g, group in zip(exact, grads, groups)
     ]
-    previous = _pack(t, state.error + checked, treedef, exact, logs, metas)
+    previous = _pack(t, state.error + checked, layout, exact, logs, metas)
     return previous, params
 
   return ReversibleTransformation(init_fn, update_fn, inverse_fn)
@@ -623,5 +736,5 @@ def check(state: ReversibleSGDState) -> None:
     revoptax._errors.ReversibilityError: revoptax.reversible_sgd: the training gradient ...
   """
   _errors.raise_recorded(
-    np.asarray(state.error), leaf_names(state.exact), "revoptax.reversible_sgd"
+    np.asarray(state.error), state.layout.error_names, "revoptax.reversible_sgd"
   )

@@ -8,6 +8,7 @@ import pytest
 from conftest import cross_entropy, init_mlp, words_equal
 
 import revoptax
+from revoptax._packing import unpack_groups
 from revoptax._sgd import _unpack
 
 
@@ -136,11 +137,10 @@ def test_params_equal_exact_weights_rounded_or_are_logged():
   rule = revoptax.MomentumSGDRule()
 
   def mismatches(state, params):
-    _, exact, _, _ = _unpack(state)
-    return sum(
-      jnp.sum(rule.fixed.to_float(leaf.w) != value)
-      for leaf, value in zip(exact, jax.tree.leaves(params))
-    )
+    layout, exact, _, _ = _unpack(state)
+    weights = [rule.fixed.to_float(leaf.w) for leaf in exact]
+    weights = unpack_groups(layout.groups, weights, len(layout.names))
+    return sum(jnp.sum(w != value) for w, value in zip(weights, jax.tree.leaves(params)))
 
   @jax.jit
   def run(params):
@@ -157,6 +157,47 @@ def test_params_equal_exact_weights_rounded_or_are_logged():
   # The mismatches after step t are logged by update t + 1 (the last not yet).
   assert logged == int(jnp.sum(counts[:-1]))
   assert 0 < logged < 0.004 * num_steps * 6310
+
+
+def test_leaves_sharing_dtype_and_scalar_schedules_share_one_exact_state():
+  params = mixed_params()  # leaves: dense/b, dense/w, emb (bf16), scalar, vec16 (bf16)
+  per_element_lr = jnp.linspace(0.01, 0.1, 33).reshape(11, 3)
+  tx = revoptax.reversible_sgd(
+    {"dense": 0.05, "emb": per_element_lr, "scalar": 0.05, "vec16": 0.1}, 0.9, max_steps=100
+  )
+  state = tx.init(params)
+  groups = state.layout.groups
+  assert [g.leaves for g in groups] == [(0, 1, 3), (2,), (4,)]
+  # float32 leaves laid end to end; the per-element leaf keeps its shape.
+  assert [words.shape for words in state.exact] == [(6, 5 + 35 + 1), (6, 11, 3), (6, 4)]
+  assert len(jax.tree.leaves(state)) == 2 + 5 * len(groups)
+  state0, _, (p_back, s_back) = train_then_reverse(tx, params, jax.grad(mixed_loss), 100)
+  assert words_equal(p_back, params) and words_equal(s_back, state0)
+
+
+def test_failures_inside_a_packed_group_name_the_leaf_and_the_group():
+  params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  tx = revoptax.reversible_sgd(0.1, 0.9, max_steps=10)
+  state = tx.init(params)
+  assert len(state.exact) == 1  # one exact state for both leaves
+  bad = {"a": jnp.ones(3), "b": jnp.asarray([1.0, jnp.nan])}
+  with pytest.raises(revoptax.ReversibilityError, match=r"leaf \['b'\] is not finite at step 0"):
+    tx.update(bad, state, params)
+  step = jax.jit(lambda g, s: tx.update(g, s, params))
+  with pytest.raises(Exception, match=r"leaf \['b'\] is not finite at step 0"):
+    jax.block_until_ready(step(bad, state))
+  recording = revoptax.reversible_sgd(0.1, 0.9, max_steps=10, on_error="nan")
+  _, recorded = jax.jit(lambda g, s: recording.update(g, s, params))(
+    {"a": jnp.ones(3), "b": jnp.asarray([1.0, 1e30])}, recording.init(params)
+  )
+  with pytest.raises(revoptax.ReversibilityError, match=r"overflow in leaf \['b'\] at step 0"):
+    revoptax.check(recorded)
+  # The buffer is the group's: its message names every leaf in the group.
+  small = revoptax.reversible_sgd(0.01, 0.5, max_steps=4)
+  state = small.init(params)
+  with pytest.raises(Exception, match=r"exceeded for leaf one of \['a'\], \['b'\] \(packed"):
+    for _ in range(300):
+      _, state = jax.block_until_ready(small.update({"a": jnp.ones(3), "b": jnp.ones(2)}, state))
 
 
 def test_state_has_fixed_shapes_under_jit_and_cond():
