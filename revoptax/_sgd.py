@@ -442,6 +442,17 @@ def _per_leaf_any(groups, flags, num_leaves):
   return jnp.stack(out)
 
 
+_ORDER = ("momentum", "nonfinite", "range", "buffer", "param_log")
+
+
+def _when(condition, then, otherwise):
+  """``then()`` if ``condition`` else ``otherwise()``: a Python branch when concrete (so
+  errors raise directly), ``lax.cond`` when traced (so ``then`` runs only when needed)."""
+  if not isinstance(condition, jax.core.Tracer):
+    return then() if bool(condition) else otherwise()
+  return jax.lax.cond(condition, then, otherwise)
+
+
 def _codes(layout: StateLayout, per_leaf=None, per_group=None) -> dict:
   """Error codes over ``layout.error_names`` (leaves, then groups) from per-leaf/group flags."""
   n, g = len(layout.names), len(layout.groups)
@@ -632,28 +643,34 @@ def reversible_sgd(
       # thunks on CPU); the leaf is found only when one fails.
       any_bad = any_bad | _any_bits(flags["nonfinite"], flags["range"])
 
-    def per_leaf():
-      return {
+    failed = any_bad != 0
+    for flag in (f for flags in per_group.values() for f in flags):
+      failed = failed | flag
+
+    def codes():  # built only when a check failed
+      per_leaf = {
         "nonfinite": _per_leaf_any(groups, [f[0] for f in elementwise], n),
         "range": _per_leaf_any(groups, [f[1] for f in elementwise], n),
       }
+      found = _codes(layout, per_leaf=per_leaf, per_group=per_group)
+      # The first category that fails is reported: a bad momentum before what it causes.
+      return {k: found[k] for k in _ORDER if k in found}
 
-    none = {"nonfinite": jnp.zeros((n,), bool), "range": jnp.zeros((n,), bool)}
-    found = jax.lax.cond(any_bad != 0, per_leaf, lambda: none)
-    codes = _codes(layout, per_leaf=found, per_group=per_group)
-    # The first category that fails is reported: a bad momentum before what it causes.
-    codes = {
-      k: codes[k] for k in ("momentum", "nonfinite", "range", "buffer", "param_log") if k in codes
-    }
     new_updates = [
       rule.params(leaf, group.dtype) - u for leaf, group, u in zip(new_exact, groups, used)
     ]
     error = state.error
     if on_error == "raise":  # effect free, so jit keeps its fast dispatch path
-      checked = _errors.raise_on_failure(codes, layout.error_names, api, step=t, token=True)
+      checked = _when(
+        failed,
+        lambda: _errors.raise_on_failure(codes(), layout.error_names, api, step=t, token=True),
+        lambda: jnp.zeros((), jnp.int32),
+      )
       error = error + checked
     else:  # no host callback: record the failure and poison the updates
-      error = jnp.where(error[0] >= 0, error, _errors.failure_code(codes, t))
+      error = _when(
+        failed & (error[0] < 0), lambda: _errors.failure_code(codes(), t), lambda: error
+      )
       new_updates = [jnp.where(error[0] >= 0, jnp.nan, u) for u in new_updates]
     new_state = _pack(t + 1, error, layout, new_exact, logs, metas)
     return treedef.unflatten(unpack_groups(groups, new_updates, n)), new_state
