@@ -17,8 +17,9 @@ in four loops:
   per-step compute alone, no dispatch).
 
 ``reversible_sgd`` is timed with its default ``on_error="raise"`` (a host
-callback in every update) and with ``on_error="nan"`` (failures recorded in
-the state, no callback).
+callback under ``lax.cond``, run only when a check fails; a program holding
+one runs synchronously on XLA:CPU) and with ``on_error="nan"`` (failures
+recorded in the state, no callback).
 
 An optimizer that raises in a loop is recorded with its error message.
 The three optimizers of a loop are timed interleaved, call by call (round
