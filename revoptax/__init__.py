@@ -12,6 +12,7 @@ from revoptax._sgd import (
   MomentumSGDRule,
   ReversibleSGDState,
   ReversibleTransformation,
+  StateLayout,
   check,
   reversible_sgd,
 )
@@ -27,6 +28,7 @@ __all__ = [
   "ReversibilityError",
   "ReversibleSGDState",
   "ReversibleTransformation",
+  "StateLayout",
   "reversible_sgd",
   "check",
   "train",

@@ -303,6 +303,13 @@ class ReversibleSGDState(NamedTuple):
       group) and step of each logged param (:mod:`revoptax._param_log`).
     log_value: per group, ``[log_capacity]``: the logged values.
     layout: the static :class:`StateLayout` (params structure and groups).
+
+  Example:
+    >>> import jax.numpy as jnp, revoptax
+    >>> tx = revoptax.reversible_sgd(0.1, 0.9, max_steps=10)
+    >>> state = tx.init({"b": jnp.zeros(3), "w": jnp.ones((2, 3))})
+    >>> [group.leaves for group in state.layout.groups], state.exact[0].shape
+    ([(0, 1)], (6, 9))
   """
 
   step: jax.Array
