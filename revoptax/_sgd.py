@@ -238,7 +238,7 @@ def buffer_rows(rule: MomentumSGDRule, momentum_values, num_steps, momentum_floo
 # The Optax transformation.
 
 
-@dataclasses.dataclass(frozen=True, eq=True)
+@dataclasses.dataclass(frozen=True)
 class StateLayout:
   """What a :class:`ReversibleSGDState` holds: the params' structure and its groups.
 
@@ -280,7 +280,7 @@ class ReversibleSGDState(NamedTuple):
   Leaves with the same dtype and the same scalar learning rate and momentum
   per step share one exact state, laid end to end in one flat vector (a leaf
   with per-element hyperparameters is a group of its own, in its shape).  So
-  a model with one dtype and one schedule has five state arrays in all,
+  a model with one dtype and one schedule has five arrays of exact state
   whatever its number of leaves: each array costs per-call overhead in
   ``jit`` and more in ``nnx``.  An update rewrites only what changes: the
   words, one stack row, the counts, one fingerprint, and the log entries it
@@ -330,12 +330,6 @@ class ReversibleSGDState(NamedTuple):
   def log_size(self) -> tuple:
     """Entries of the param log in use, per group (``int32[]`` each)."""
     return tuple(m[1] for m in self.meta)
-
-
-def _any_bits(high, low):
-  """``2 * any(high) + any(low)`` (``uint8``) of two boolean arrays, in one reduction."""
-  bits = (high.astype(jnp.uint8) << 1) | low.astype(jnp.uint8)
-  return jax.lax.reduce(bits.ravel(), jnp.uint8(0), jax.lax.bitwise_or, (0,))
 
 
 def _bits_as(x, dtype):
@@ -638,7 +632,7 @@ def reversible_sgd(
         per_group["param_log"].append(~ok)
     else:
       used = before
-    new_exact, elementwise, any_bad = [], [], jnp.zeros((), jnp.uint8)
+    new_exact, elementwise, failed = [], [], jnp.zeros((), bool)
     for leaf, g, group in zip(exact, grads, groups):
       a, m = alphas[group.leaves[0]], gammas[group.leaves[0]]
       new_leaf, flags = rule.step_leaf(leaf, g, _value_at(a, t), _value_at(m, t), t)
@@ -646,11 +640,10 @@ def reversible_sgd(
       per_group["momentum"].append(flags["momentum"])
       per_group["buffer"].append(flags["buffer"])
       elementwise.append((flags["nonfinite"], flags["range"]))
-      # One reduction per group for both per-element checks (each costs two
-      # thunks on CPU); the leaf is found only when one fails.
-      any_bad = any_bad | _any_bits(flags["nonfinite"], flags["range"])
+      # One reduction per group for both per-element checks (each reduction
+      # costs two thunks on CPU); the leaf is found only when one fails.
+      failed = failed | jnp.any(flags["nonfinite"] | flags["range"])
 
-    failed = any_bad != 0
     for flag in (f for flags in per_group.values() for f in flags):
       failed = failed | flag
 
