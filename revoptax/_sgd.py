@@ -436,11 +436,7 @@ def _distinct(specs) -> list[int]:
 
 def _per_leaf_any(groups, flags, num_leaves):
   """``bool[num_leaves]``: whether any element of each leaf is set, from per-group flags."""
-  out = [None] * num_leaves
-  for group, f in zip(groups, flags):
-    for i, x in zip(group.leaves, group.unpack(f)):
-      out[i] = jnp.any(x)
-  return jnp.stack(out)
+  return jnp.stack([jnp.any(x) for x in unpack_groups(groups, flags, num_leaves)])
 
 
 _ORDER = ("momentum", "nonfinite", "range", "buffer", "param_log")
@@ -583,15 +579,10 @@ def reversible_sgd(
     packable = [_is_scalar_spec(a) and _is_scalar_spec(g) for a, g in zip(alphas, gammas)]
     groups = group_leaves(leaves, packable, _distinct(alphas), _distinct(gammas), rows)
     layout = StateLayout(_plain_structure(params, treedef), tuple(names), groups)
-    exact, in_range = [], [None] * len(leaves)
-    for group in groups:
-      leaf, ok = rule.init_leaf(group.pack(leaves), group.rows)
-      exact.append(leaf)
-      for i, ok_i in zip(group.leaves, group.unpack(ok)):
-        in_range[i] = jnp.all(ok_i)
-    checked = _errors.raise_on_failure(
-      {"range": ~jnp.stack(in_range)}, names, api, step=0, token=True
-    )
+    exact, oks = zip(*(rule.init_leaf(group.pack(leaves), group.rows) for group in groups))
+    exact = list(exact)
+    in_range = jnp.stack([jnp.all(ok) for ok in unpack_groups(groups, oks, len(leaves))])
+    checked = _errors.raise_on_failure({"range": ~in_range}, names, api, step=0, token=True)
     logs = [
       _param_log.init(
         group.dtype,

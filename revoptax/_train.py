@@ -393,12 +393,9 @@ def _first_failures(config: _Config, gammas, init_ok, first_bad, buffer_step):
 def _forward(config: _Config, params, alphas, gammas, h_float, b_float, h_other, b_other, key):
   rule = config.rule
   grad = _grad_fn(config, h_other, b_other)
-  exact, init_ok = [], [None] * len(params)
-  for group in config.groups:
-    leaf, ok = rule.init_leaf(group.pack(params), group.rows)
-    exact.append(leaf)
-    for i, leaf_ok in zip(group.leaves, group.unpack(ok)):
-      init_ok[i] = jnp.all(leaf_ok)
+  exact, oks = zip(*(rule.init_leaf(group.pack(params), group.rows) for group in config.groups))
+  exact = list(exact)
+  init_ok = [jnp.all(ok) for ok in _unpack_all(config, oks)]
   first_bad = [jnp.full(leaf.w.lo.shape, -1, jnp.int32) for leaf in exact]
   buffer_step = [jnp.full((), -1, jnp.int32) for _ in exact]
 
