@@ -10,8 +10,10 @@ The representable range is ``|x| < 2**int_bits`` with ``int_bits + radix_bits
 overflow of the range can be detected exactly.  Conversions are exact and
 deterministic: a float is turned into fixed point by scaling by a power of two
 (exact) and rounding half to even, and fixed point is turned back into a float
-by correct rounding (round half to even, subnormals included) done in integer
-arithmetic, so the same words always give the same float on every backend and
+by correct rounding (round half to even, subnormals included): the integer
+conversion IEEE 754 defines for float32 and float64, integer arithmetic for
+the 16-bit floats.  So the same words always give the same float, on every
+backend whose integer-to-float conversion rounds correctly (CPU and GPU) and
 in both 32- and 64-bit JAX modes.
 
 The words are what is stored (so states work in JAX's default 32-bit mode);
@@ -175,29 +177,20 @@ class FixedPointFormat:
   def dequantize(self, k, dtype=jnp.float32) -> jax.Array:
     """Correctly rounded float of ``k * 2**-R`` for ``int64`` k; inside :func:`exact_scope`.
 
-    float64: one correctly rounded conversion of ``k`` (``|k| < 2**62``), then
-    an exact scaling.  float32: the conversion to float64 is made
-    *round-to-odd* (an inexact result is moved to the neighbour with an odd
-    last bit, found from the exact residual ``k - int(f)``), after which one
-    rounding to float32 is correct because 53 >= 24 + 2 (Boldo & Melquiond,
-    "Emulation of FMA and correctly rounded sums: proved algorithms using
-    rounding to odd", IEEE TC 2008).  bfloat16 and float16: ``|k|`` is rounded
-    to the dtype's precision at its magnitude (``p`` significant bits, or the
-    subnormal spacing) half to even in integers, then converted exactly.
+    float64 and float32: one conversion of ``k`` (``|k| < 2**62``) to the
+    dtype, which IEEE 754 and XLA's ``convert`` (LLVM ``sitofp``, one
+    ``vcvtqq2ps`` on AVX-512) round correctly, half to even, then an exact
+    scaling by ``2**-R`` (the result is at least ``2**-R``, far above the
+    subnormals).  ``tests/test_fixed_point.py`` checks the rounding on ties
+    and near-ties against exact rational arithmetic.  bfloat16 and float16:
+    ``|k|`` is rounded to the dtype's precision at its magnitude (``p``
+    significant bits, or the subnormal spacing) half to even in integers, then
+    converted exactly (a conversion through float32 would round twice).
     """
     dtype = np.dtype(dtype)
     scale = 2.0**-self.radix_bits
-    if dtype == np.dtype(jnp.float64):
-      return k.astype(jnp.float64) * scale
-    if dtype == np.dtype(jnp.float32):
-      f = k.astype(jnp.float64)
-      residual = k - f.astype(I64)
-      bits = lax.bitcast_convert_type(f, I64)
-      # Inexact and even: step one unit of the last place towards k.
-      away = (residual > 0) == (k > 0)  # |k| > |f|: increase the magnitude
-      step = jnp.where(away, 1, -1).astype(I64)
-      bits = jnp.where((residual != 0) & ((bits & 1) == 0), bits + step, bits)
-      return (lax.bitcast_convert_type(bits, jnp.float64) * scale).astype(jnp.float32)
+    if dtype in (np.dtype(jnp.float64), np.dtype(jnp.float32)):
+      return k.astype(dtype) * np.asarray(scale, dtype)
     p, emin = _MANTISSA_BITS[dtype], _MIN_EXPONENT[dtype]
     mag = jnp.abs(k).astype(U64)  # |k| < 2**62
     nbits = (64 - lax.clz(mag)).astype(I64)

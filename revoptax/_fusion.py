@@ -15,6 +15,14 @@ MLP's six leaves 56 us with these points, 71 us with ``x | 0`` over a
 stacked zero (the stacked form compiles to scalar code), 70 us through
 ``lax.cond`` (extra copies), 89 us without; the digits hypergradient
 (T = 1,000) 0.55 s with them, 0.94 s without.
+
+The float params of a packed group are materialized whole before they are
+sliced into leaves: fused into each slice, the conversion is costed by
+XLA:CPU's parallel task assignment as the whole group's work and every slice
+is split over the thread pool.  Together with a one-instruction float32
+conversion this took the digits hypergradient from 39 split fusions to 8 and
+its time by 9% on both cores (14% on one), the forward pass from 267 to 216
+us/step.
 """
 
 from __future__ import annotations
@@ -23,12 +31,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+_UNSIGNED = {2: jnp.uint16, 4: jnp.uint32, 8: "uint64"}
+
 
 def materialize(tree):
-  """``tree`` (integer or boolean arrays), computed once at this point (CPU only).
+  """``tree`` (integer, boolean or float arrays), computed once at this point (CPU only).
+
+  Floats go through their bits (a bitcast to the unsigned integer of the same
+  width), so NaNs and signed zeros are kept bit for bit.
 
   Args:
-    tree: a pytree of integer or boolean arrays.
+    tree: a pytree of integer, boolean or float arrays.
 
   Returns:
     ``tree``, bit for bit.  On other backends the identity (their fusion
@@ -43,6 +56,9 @@ def materialize(tree):
 
   def once(x):
     x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      bits = lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize])
+      return lax.bitcast_convert_type(once(bits), x.dtype)
     twice = jnp.broadcast_to(x, (2, *x.shape))
     return lax.reduce(twice, jnp.zeros((), x.dtype), lax.bitwise_or, (0,))
 

@@ -35,6 +35,7 @@ from revoptax import _buffer as buffer_lib
 from revoptax import _errors
 from revoptax._determinism import fingerprint_all, isolated
 from revoptax._fixed_point import FixedPointFormat, _compute_dtype
+from revoptax._fusion import materialize
 from revoptax._packing import Group, group_leaves, unpack_groups
 from revoptax._sgd import (
   MomentumSGDRule,
@@ -433,8 +434,17 @@ def _forward(config: _Config, params, alphas, gammas, h_float, b_float, h_other,
 
 
 def _params(config: _Config, exact) -> list:
-  """The float params (leaves, params order) of the groups' exact weights."""
-  return _unpack_all(config, [config.rule.params(e, g.dtype) for e, g in zip(exact, config.groups)])
+  """The float params (leaves, params order) of the groups' exact weights.
+
+  Each group's floats are materialized whole before being sliced into leaves
+  (see :mod:`revoptax._fusion`): a slice fused with the conversion is costed
+  by XLA:CPU as the whole group's work and split over its thread pool.
+  """
+  flat = [
+    materialize(x) if len(g.leaves) > 1 else x
+    for x, g in ((config.rule.params(e, g.dtype), g) for e, g in zip(exact, config.groups))
+  ]
+  return _unpack_all(config, flat)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
