@@ -129,3 +129,29 @@ def test_float16_subnormals_are_rounded_once():
   got = np.asarray(FMT.to_float(Fixed(jnp.asarray(hi), jnp.asarray(lo)), jnp.float16))
   want = np.array([k * 2.0**-46 for k in ks]).astype(np.float16)
   np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def _float32_by_rounding_to_odd(ks: np.ndarray) -> np.ndarray:
+  """``k * 2**-46`` to float32 through float64 rounded to odd (Boldo & Melquiond 2008)."""
+  f = ks.astype(np.float64)
+  residual = ks - f.astype(np.int64)  # exact: |k| < 2**62
+  bits = f.view(np.int64)
+  away = (residual > 0) == (ks > 0)
+  bits = np.where((residual != 0) & ((bits & 1) == 0), bits + np.where(away, 1, -1), bits)
+  return (bits.view(np.float64) * 2.0**-46).astype(np.float32)
+
+
+def test_float32_conversion_agrees_with_rounding_to_odd_on_a_million_values():
+  rng = np.random.default_rng(5)
+  parts = [rng.integers(-(2 ** (b - 1)), 2 ** (b - 1), 8000, dtype=np.int64) for b in range(1, 63)]
+  # Ties between two float32 neighbours, and one unit either side, at every shift.
+  m = rng.integers(2**23, 2**24, 4000, dtype=np.int64)
+  for s in range(1, 38):
+    tie = (m << s) + (1 << (s - 1))
+    parts += [sign * (tie + d) for sign in (1, -1) for d in (-1, 0, 1)]
+  ks = np.concatenate(parts)
+  hi, lo = (ks >> 32).astype(np.int32), (ks & 0xFFFFFFFF).astype(np.uint32)
+  got = np.asarray(FMT.to_float(Fixed(jnp.asarray(hi), jnp.asarray(lo)), jnp.float32))
+  np.testing.assert_array_equal(
+    got.view(np.uint32), _float32_by_rounding_to_odd(ks).view(np.uint32)
+  )
