@@ -52,6 +52,8 @@ def materialize(tree):
     >>> from revoptax._fusion import materialize
     >>> materialize({"a": jnp.arange(3), "b": jnp.array([True, False])})["a"].tolist()
     [0, 1, 2]
+    >>> materialize(jnp.array([-0.0, 2.5, jnp.nan])).tolist()
+    [-0.0, 2.5, nan]
   """
 
   def once(x):

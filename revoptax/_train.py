@@ -440,10 +440,10 @@ def _params(config: _Config, exact) -> list:
   (see :mod:`revoptax._fusion`): a slice fused with the conversion is costed
   by XLA:CPU as the whole group's work and split over its thread pool.
   """
-  flat = [
-    materialize(x) if len(g.leaves) > 1 else x
-    for x, g in ((config.rule.params(e, g.dtype), g) for e, g in zip(exact, config.groups))
-  ]
+  flat = []
+  for leaf, group in zip(exact, config.groups):
+    x = config.rule.params(leaf, group.dtype)
+    flat.append(materialize(x) if len(group.leaves) > 1 else x)
   return _unpack_all(config, flat)
 
 
