@@ -280,6 +280,46 @@ def targets_section(hyper, steps, steps_pinned=None, ratios=None) -> list[str]:
   return lines + [""]
 
 
+def split_section(ratios) -> list[str]:
+  """Forward and backward parts per step of the interleaved hypergradients (time_ratio.py)."""
+  docs = [(cpus, doc) for cpus, doc in (ratios or {}).items() if doc]
+  docs = [(c, d) for c, d in docs if "per_step_us" in d.get("result", {})]
+  if not docs:
+    return []
+  lines = [
+    "## Where revoptax's time differs from checkpointing",
+    "",
+    "From the `time_ratio.py` runs above: two forward passes without gradients are timed in "
+    "the same rounds (revoptax's `revoptax.train`, and plain float training), and each "
+    "hypergradient's backward part is its time minus the forward pass of the same round "
+    "(medians, µs per training step; the parts are medians of their own, so they need not "
+    "add up to the total). revoptax and checkpointing do the same float work: one gradient "
+    "per step forward; one gradient and one Hessian-vector product per step backward. "
+    "revoptax adds the exact arithmetic (the fixed-point step and the information buffer, "
+    "forward and reversed); checkpointing adds storing and reloading (w, v) per step. Scan "
+    "stores the forward's intermediate values instead of recomputing the gradient.",
+    "",
+    "| CPUs | part | revoptax | checkpoint | revoptax − checkpoint | scan |",
+    "|---|---|---|---|---|---|",
+  ]
+  for cpus, doc in sorted(docs, key=lambda item: item[0] or 0):
+    split = doc["result"]["per_step_us"]
+    where = f"pinned to {cpus}" if cpus else "all"
+    for part in ("forward", "backward", "total"):
+      rev, ckpt, scan = (split[m][part] for m in ("revoptax", "checkpoint", "scan"))
+      lines.append(
+        f"| {where} | {part} | {rev:.0f} | {ckpt:.0f} | {rev - ckpt:+.0f} | {scan:.0f} |"
+      )
+  lines += [
+    "",
+    "Since the float work is the same, revoptax's hypergradient can only be as fast as "
+    "checkpointing's if its exact arithmetic costs no more than checkpointing's stores and "
+    "reloads, or runs on cores that would otherwise be idle.",
+    "",
+  ]
+  return lines
+
+
 def threads_section(hyper, steps_pinned) -> list[str]:
   """Why some rows are also measured with the process pinned to one CPU, and what it changes."""
   pinned = _pinned_rows(hyper)
@@ -569,6 +609,7 @@ def render(hyper, steps, profile=None, steps_pinned=None, ratios=None) -> str:
   ]
   lines += machine_section(hyper, steps, profile)
   lines += targets_section(hyper, steps, steps_pinned, ratios)
+  lines += split_section(ratios)
   lines += threads_section(hyper, steps_pinned)
   if hyper:
     rows = sorted(_default_rows(hyper), key=_row_order)

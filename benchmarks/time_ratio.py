@@ -10,6 +10,13 @@ and each round gives one ratio per baseline (revoptax's time over the
 baseline's in the same round).  The report gives the median of the per-round
 ratios and their spread.
 
+Two forward passes without gradients are timed in the same rounds: revoptax's
+(``revoptax.train``: the float gradients and the exact steps) and plain float
+training.  Subtracting them splits each hypergradient into a forward and a
+backward part per step, which shows where revoptax's time differs from the
+baselines' (both do the same float work: one gradient per step forward, one
+gradient and one Hessian-vector product per step backward).
+
 Usage::
 
   python benchmarks/time_ratio.py [--rounds 15] [--cpus 1]
@@ -30,6 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 METHODS = ("revoptax", "checkpoint", "scan")
+FORWARDS = ("revoptax_forward", "float_forward")  # no gradient: training, then the loss
 
 
 def measure(model: str, num_steps: int, gamma: float, rounds: int) -> dict:
@@ -39,13 +47,18 @@ def measure(model: str, num_steps: int, gamma: float, rounds: int) -> dict:
 
   params, hparams, data, validation = common.setup(model, num_steps, gamma)
   compiled = {}
-  for method in METHODS:
-    objective = common.meta_objective(method, params, data, validation, num_steps, gamma)
-    compiled[method] = jax.jit(jax.grad(objective)).lower(hparams).compile()
+  for method in METHODS + FORWARDS:
+    if method in FORWARDS:
+      trained = "revoptax" if method == "revoptax_forward" else "scan"
+      function = common.meta_objective(trained, params, data, validation, num_steps, gamma)
+    else:
+      objective = common.meta_objective(method, params, data, validation, num_steps, gamma)
+      function = jax.grad(objective)
+    compiled[method] = jax.jit(function).lower(hparams).compile()
     jax.block_until_ready(compiled[method](hparams))  # warm-up
-  times = {method: [] for method in METHODS}
+  times = {method: [] for method in compiled}
   for _ in range(rounds):
-    for method in METHODS:
+    for method in compiled:
       start = time.perf_counter()
       jax.block_until_ready(compiled[method](hparams))
       times[method].append(time.perf_counter() - start)
@@ -61,7 +74,32 @@ def measure(model: str, num_steps: int, gamma: float, rounds: int) -> dict:
     ratios = sorted(r / b for r, b in zip(times["revoptax"], times[base]))
     result[f"ratio_{base}"] = statistics.median(ratios)
     result[f"ratio_{base}_quartiles"] = [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]]
+  result["per_step_us"] = split_per_step(times, num_steps)
   return result
+
+
+def split_per_step(times: dict, num_steps: int) -> dict:
+  """Medians (µs per training step) of each method's forward and backward parts.
+
+  The backward part of a hypergradient is its time minus the forward pass
+  timed in the same round: revoptax's own forward for revoptax, plain float
+  training for the baselines (which also store their per-step state).
+  """
+
+  def per_step(values):
+    return statistics.median(values) * 1e6 / num_steps
+
+  forward = {"revoptax": times["revoptax_forward"]}
+  forward.update({base: times["float_forward"] for base in METHODS[1:]})
+  split = {}
+  for method in METHODS:
+    backward = [h - f for h, f in zip(times[method], forward[method])]
+    split[method] = {
+      "forward": per_step(forward[method]),
+      "backward": per_step(backward),
+      "total": per_step(times[method]),
+    }
+  return split
 
 
 def main(argv=None):
