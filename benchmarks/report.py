@@ -282,8 +282,7 @@ def targets_section(hyper, steps, steps_pinned=None, ratios=None) -> list[str]:
 
 def split_section(ratios) -> list[str]:
   """Forward and backward parts per step of the interleaved hypergradients (time_ratio.py)."""
-  docs = [(cpus, doc) for cpus, doc in (ratios or {}).items() if doc]
-  docs = [(c, d) for c, d in docs if "per_step_us" in d.get("result", {})]
+  docs = [(c, d) for c, d in (ratios or {}).items() if d and "per_step_us" in d.get("result", {})]
   if not docs:
     return []
   lines = [

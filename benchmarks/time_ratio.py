@@ -37,7 +37,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 METHODS = ("revoptax", "checkpoint", "scan")
-FORWARDS = ("revoptax_forward", "float_forward")  # no gradient: training, then the loss
+# Forward passes without gradients (training, then the loss): name -> method trained.
+FORWARDS = {"revoptax_forward": "revoptax", "float_forward": "scan"}
 
 
 def measure(model: str, num_steps: int, gamma: float, rounds: int) -> dict:
@@ -47,13 +48,10 @@ def measure(model: str, num_steps: int, gamma: float, rounds: int) -> dict:
 
   params, hparams, data, validation = common.setup(model, num_steps, gamma)
   compiled = {}
-  for method in METHODS + FORWARDS:
-    if method in FORWARDS:
-      trained = "revoptax" if method == "revoptax_forward" else "scan"
-      function = common.meta_objective(trained, params, data, validation, num_steps, gamma)
-    else:
-      objective = common.meta_objective(method, params, data, validation, num_steps, gamma)
-      function = jax.grad(objective)
+  for method in METHODS + tuple(FORWARDS):
+    trained = FORWARDS.get(method, method)
+    objective = common.meta_objective(trained, params, data, validation, num_steps, gamma)
+    function = objective if method in FORWARDS else jax.grad(objective)
     compiled[method] = jax.jit(function).lower(hparams).compile()
     jax.block_until_ready(compiled[method](hparams))  # warm-up
   times = {method: [] for method in compiled}
