@@ -29,7 +29,21 @@ class ReversibilityError(ValueError):
   """Exact reversal cannot be guaranteed; the message names the step, leaf and fix."""
 
 
+_NONDETERMINISM_CAUSES = (
+  "Causes: nondeterministic GPU kernels (set XLA_FLAGS=--xla_gpu_deterministic_ops=true), vmap "
+  "or sharding applied to only one pass, stateful randomness or host callbacks in loss_fn (use "
+  "the key option, which replays fold_in(key, step))"
+)
+
 MESSAGES = {
+  "momentum": (
+    "momentum of leaf {leaf} at step {step} is outside (0, 1) or not finite; it must lie "
+    "strictly between 0 and 1. {momentum_fix}"
+  ),
+  "learning_rate": (
+    "learning_rate of leaf {leaf} at step {step} is not positive or not finite. "
+    "{learning_rate_fix}"
+  ),
   "nonfinite": (
     "the training gradient of leaf {leaf} is not finite at step {step}. Check loss_fn for "
     "NaN/inf, lower the learning rate, or clip gradients inside loss_fn."
@@ -39,42 +53,71 @@ MESSAGES = {
     "the range |x| < 2**int_bits. Training is diverging (lower the learning rate), or the "
     "values need a wider range: raise int_bits (radix_bits + int_bits <= 62)."
   ),
-  "momentum": (
-    "momentum of leaf {leaf} at step {step} is not finite. Momentum must lie in (0, 1)."
-  ),
   "buffer": (
     "information buffer capacity exceeded for leaf {leaf} at step {step}. The capacity is "
-    "static: raise max_steps, or lower momentum_floor (the smallest momentum the schedule "
-    "will use), or pass buffer_rows explicitly."
+    "static: {buffer_fix}"
   ),
   "param_log": (
-    "too many parameters of leaf {leaf} differed from the optimizer's exact value at step "
-    "{step} (param_log_capacity exceeded). Were the params changed outside the optimizer? "
-    "Otherwise raise param_log_capacity."
+    "the param log of leaf {leaf} is full at step {step}. The log keeps the elements where the "
+    "params passed to update differ from the optimizer's exact weights rounded to float: where "
+    "optax.apply_updates cannot reach them by float addition (a weight shrinking past its "
+    "update, as when it crosses zero), and every element changed outside the optimizer. Raise "
+    "param_log_capacity (entries per leaf; the default holds 1 in 32 element updates), or "
+    "change the params only through the optimizer's updates."
   ),
   "drift": (
     "nondeterministic gradient detected: at step {step} the gradient of leaf {leaf} "
     "recomputed in the backward pass differs from the forward pass, so the reversal would "
-    "give a wrong hypergradient. Causes: nondeterministic GPU kernels (set XLA_FLAGS="
-    "--xla_gpu_deterministic_ops=true), vmap or sharding applied to only one pass, "
-    "stateful randomness or host callbacks in loss_fn (use the key option, which replays "
-    "fold_in(key, step)), or the gradient compiled differently in the two passes (wrap it in "
-    "revoptax.isolated in both)."
+    "give a wrong hypergradient. "
+    + _NONDETERMINISM_CAUSES
+    + ", or the gradient compiled differently in the two passes (wrap it in revoptax.isolated "
+    "in both)."
   ),
   "drift_step": (
     "nondeterministic gradient detected: at step {step} the gradient recomputed in the "
     "backward pass differs from the forward pass, so the reversal would give a wrong "
-    "hypergradient. Causes: nondeterministic GPU kernels (set XLA_FLAGS="
-    "--xla_gpu_deterministic_ops=true), vmap or sharding applied to only one pass, "
-    "stateful randomness or host callbacks in loss_fn (use the key option, which replays "
-    "fold_in(key, step)), or a loss whose compiled gradient depends on its surroundings."
+    "hypergradient. " + _NONDETERMINISM_CAUSES + ", or a loss whose compiled gradient depends "
+    "on its surroundings."
+  ),
+  "buffer_corrupt": (
+    "the information buffer after undoing step {step} differs from the one the "
+    "forward pass left before that step, while the gradient recomputed there was unchanged: "
+    "buffer contents were lost or altered between the passes (a state or residual modified "
+    "outside revoptax, or a revoptax bug: please report it). The reversal cannot be trusted."
   ),
   "initial": (
     "the reversal did not end at the initial exact state (leaf {leaf}); the hypergradient "
-    "is not trustworthy. This indicates a nondeterministic loss_fn; see the drift check."
+    "is not trustworthy. Every per-step check passed, so the state was altered between the "
+    "passes outside the gradient (a residual modified, or a revoptax bug: please report it)."
   ),
 }
 
+# What to change, in the options of the API that raised (filled into MESSAGES).
+_FIXES = {
+  "revoptax.train": {
+    "momentum_fix": (
+      "If it is learned, parametrize it to stay inside, e.g. "
+      "momentum=lambda hp, t: jax.nn.sigmoid(hp['logit_momentum'][t])."
+    ),
+    "learning_rate_fix": (
+      "If it is learned, parametrize it to stay positive, e.g. "
+      "learning_rate=lambda hp, t: jnp.exp(hp['log_lr'][t])."
+    ),
+    "buffer_fix": (
+      "with traced (learned) momenta it is sized for momentum_floor, so a momentum below the "
+      "floor runs out: lower momentum_floor to the smallest momentum the schedule will use, "
+      "keep the schedule above it, or pass buffer_rows."
+    ),
+  },
+  "revoptax.reversible_sgd": {
+    "momentum_fix": "Check the momentum value or schedule passed to reversible_sgd.",
+    "learning_rate_fix": "Check the learning_rate value or schedule passed to reversible_sgd.",
+    "buffer_fix": (
+      "it holds max_steps steps at the momenta given (momentum_floor for schedules that cannot "
+      "be evaluated ahead): raise max_steps if more updates are run, or lower momentum_floor."
+    ),
+  },
+}
 
 def _first_failure(codes: dict[str, np.ndarray], leaf_names: Sequence[str], step_offset: int):
   """The first (category, leaf, step) with a failure; ``codes`` hold steps or -1."""
@@ -140,7 +183,8 @@ def raise_on_failure(
 
 
 def _message(api: str, category: str, leaf: str, step: int) -> str:
-  return f"{api}: " + MESSAGES[category].format(leaf=leaf, step=step)
+  fixes = _FIXES["revoptax.train" if api.startswith("revoptax.train") else "revoptax.reversible_sgd"]
+  return f"{api}: " + MESSAGES[category].format(leaf=leaf, step=step, **fixes)
 
 
 def _check_on_host(host, failed, *values, token: bool = False):

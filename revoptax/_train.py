@@ -1,8 +1,8 @@
 """``revoptax.train``: a training run whose VJP runs training backwards exactly.
 
 Forward: ``num_steps`` exact momentum-SGD steps (see :mod:`revoptax._sgd`),
-keeping only the final exact state, the information buffer and a 32-bit
-fingerprint per step (all leaves).  Backward (Maclaurin et al. 2015, Algorithm 2),
+keeping only the final exact state, the information buffer and two 32-bit
+fingerprints per step (of the gradient and of the buffer heads, all leaves).  Backward (Maclaurin et al. 2015, Algorithm 2),
 for ``t = T-1 .. 0``::
 
     w_t  = w_{t+1} - Q(alpha_t F(v_{t+1}))                 exact
@@ -67,7 +67,6 @@ class _Config:
   check_drift: bool
   on_drift: str
   unroll: int
-  gamma_of: tuple[int, ...]  # leaf -> index of its momentum schedule among the distinct ones
 
   def __hash__(self):
     return id(self)
@@ -142,9 +141,9 @@ def train(
     buffer_rows: explicit buffer rows (32 bits per parameter each), overriding
       the capacity rule.
     return_velocity: also return the final velocity ``v_T``.
-    check_drift: compare a 32-bit fingerprint of each step's gradient between
-      the forward and backward pass and check the reversal ends at the initial
-      state.
+    check_drift: compare 32-bit fingerprints of each step's gradient and of
+      the buffer heads after it between the forward and the backward pass, and
+      check that the reversal ends at the initial state.
     on_drift: ``"raise"`` (default) or ``"nan"`` (warn and return NaN
       hypergradients).
     unroll: ``lax.scan`` unroll factor.
@@ -212,7 +211,6 @@ def train(
   alphas, alpha_of = _unique(alphas)
   gammas, gamma_of = _unique(gammas)
   config = _Config(
-    gamma_of=gamma_of,
     loss_fn=loss_fn,
     rule=rule,
     num_steps=num_steps,
@@ -274,11 +272,14 @@ def _schedule(fn, hparams, ts, params, what):
     raise ValueError(
       f"{API}: {what}(hparams, t) must return a scalar or a pytree matching params; {e}"
     ) from None
-  out = []
+  out, converted = [], {}  # a value shared by several leaves is converted once (kept shared)
   for v, p, name in zip(values, jax.tree.leaves(params), leaf_names(params)):
-    v = jnp.asarray(v)
-    if not jnp.issubdtype(v.dtype, jnp.floating):
-      v = v.astype(jnp.result_type(float))
+    if id(v) not in converted:
+      x = jnp.asarray(v)
+      if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+      converted[id(v)] = (v, x)  # v kept alive so its id is not reused
+    v = converted[id(v)][1]
     try:
       np.broadcast_shapes(v.shape[1:], np.shape(p))
     except ValueError:
@@ -362,19 +363,27 @@ def _step_key(config, key, t):
   return jax.random.fold_in(key, t) if config.with_key else None
 
 
-def _first_failures(config: _Config, gammas, init_ok, first_bad, buffer_step):
+def _first_bad_step(bad):
+  """First step (leading axis) where any element of ``bad`` is set, else -1."""
+  bad_t = bad.reshape(bad.shape[0], -1).any(axis=1)
+  return jnp.where(jnp.any(bad_t), jnp.argmax(bad_t), -1)
+
+
+def _first_failures(config: _Config, alphas, gammas, init_ok, first_bad, buffer_step):
   """Per-leaf first failing step of each check, from the loop's per-element codes.
 
   ``first_bad`` (per group, per element) is ``-1`` or ``2 t + 1`` for a
   non-finite gradient first seen at step ``t``, ``2 t`` for a fixed-point
-  overflow; reduced once after the loop instead of every step.
+  overflow; reduced once after the loop instead of every step.  Learning
+  rates and momenta are checked on device from their ``[T, ...]`` values, so
+  traced (learned) ones are checked too; the categories are in the order they
+  are reported (a bad momentum before the overflow it causes).
   """
   num_leaves = len(config.leaf_names)
-  fails = {k: [None] * num_leaves for k in ("momentum", "nonfinite", "range", "buffer")}
-  bad_momentum = []
-  for m in gammas:
-    bad_t = ~jnp.isfinite(m).reshape(m.shape[0], -1).all(axis=1)
-    bad_momentum.append(jnp.where(jnp.any(bad_t), jnp.argmax(bad_t), -1))
+  kinds = ("momentum", "learning_rate", "nonfinite", "range", "buffer")
+  fails = {k: [None] * num_leaves for k in kinds}
+  bad_momentum = [_first_bad_step(~((m > 0) & (m < 1))) for m in gammas]
+  bad_rate = [_first_bad_step(~(jnp.isfinite(a) & (a > 0))) for a in alphas]
   big = jnp.iinfo(jnp.int32).max
 
   def first(codes, kind):
@@ -384,7 +393,8 @@ def _first_failures(config: _Config, gammas, init_ok, first_bad, buffer_step):
 
   for group, codes, buffer_t in zip(config.groups, first_bad, buffer_step):
     for i, leaf_codes in zip(group.leaves, group.unpack(codes)):
-      fails["momentum"][i] = bad_momentum[config.gamma_of[i]]
+      fails["momentum"][i] = bad_momentum[group.gamma]
+      fails["learning_rate"][i] = bad_rate[group.alpha]
       fails["nonfinite"][i] = first(leaf_codes, 1)
       fails["range"][i] = jnp.where(init_ok[i], first(leaf_codes, 0), 0)
       fails["buffer"][i] = buffer_t
@@ -419,7 +429,7 @@ def _forward(config: _Config, params, alphas, gammas, h_float, b_float, h_other,
       new_exact.append(leaf)
       new_bad.append(jnp.where((bad < 0) & hit, code, bad).astype(jnp.int32))
       new_buffer.append(jnp.where((buf_t < 0) & flags["buffer"], t, buf_t).astype(jnp.int32))
-    prints = fingerprint_all(g) if config.check_drift else None
+    prints = jnp.stack([fingerprint_all(g), _heads_print(new_exact)]) if config.check_drift else None
     return (new_exact, _params(config, new_exact), new_bad, new_buffer), prints
 
   (exact, _, first_bad, buffer_step), prints = lax.scan(
@@ -428,9 +438,14 @@ def _forward(config: _Config, params, alphas, gammas, h_float, b_float, h_other,
     jnp.arange(config.num_steps),
     unroll=config.unroll,
   )
-  fails = _first_failures(config, gammas, init_ok, first_bad, buffer_step)
+  fails = _first_failures(config, alphas, gammas, init_ok, first_bad, buffer_step)
   _errors.raise_on_failure(fails, config.leaf_names, API)
   return exact, prints
+
+
+def _heads_print(exact) -> jax.Array:
+  """One 32-bit fingerprint of every buffer head of the exact state."""
+  return fingerprint_all([h for leaf in exact for h in (leaf.buffer.head_hi, leaf.buffer.head_lo)])
 
 
 def _params(config: _Config, exact) -> list:
@@ -501,7 +516,12 @@ def _run_bwd(config, saved, cotangents):
   d_v = [group.pack(d_v) for group in groups]
   d_h = [jnp.zeros_like(x) for x in h_float] if need_h else []
   d_b = [jnp.zeros_like(x) for x in b_float] if need_b else []
-  drift0 = jnp.full((), -1, jnp.int32)  # first step (from the end) whose gradient differs
+  # First step (from the end) whose recomputed gradient differs, and whose
+  # undone buffer heads differ from the forward pass's before that step.
+  drift0 = jnp.full((2,), -1, jnp.int32)
+  fresh_heads = _heads_print(
+    [leaf._replace(buffer=buffer_lib.init(leaf.w.lo.shape, 0)) for leaf in exact]
+  )
 
   def unstep_position(exact, t):
     return [
@@ -524,12 +544,14 @@ def _run_bwd(config, saved, cotangents):
       batch_f if need_b else [],
     )
     g = [group.pack(g) for group in groups]
-    if config.check_drift:
-      drift = jnp.where((drift < 0) & (fingerprint_all(g) != prints[t]), t, drift).astype(jnp.int32)
     exact = [
       rule.unstep_velocity_leaf(leaf, g_i, gammas[group.gamma][t], t, clear_popped=False)
       for leaf, g_i, group in zip(exact, g, groups)
     ]
+    if config.check_drift:
+      heads_before = jnp.where(t > 0, prints[jnp.maximum(t - 1, 0), 1], fresh_heads)
+      differs = jnp.stack([fingerprint_all(g) != prints[t, 0], _heads_print(exact) != heads_before])
+      drift = jnp.where((drift < 0) & differs, t, drift).astype(jnp.int32)
     new_d_w, new_d_v, d_g = [], [], []
     d_alpha = [jnp.zeros_like(a[t]) for a in alphas]
     d_gamma = [jnp.zeros_like(m[t]) for m in gammas]
@@ -573,7 +595,12 @@ def _run_bwd(config, saved, cotangents):
 
   codes = {}
   if config.check_drift:
-    codes["drift_step"] = drift[None]
+    # The latest step (the first one undone) that failed names the cause; a
+    # changed gradient also changes the heads it is undone into, so at the
+    # same step the gradient is reported.
+    gradient_first = drift[0] >= drift[1]
+    codes["drift_step"] = jnp.where(gradient_first, drift[0], -1)[None]
+    codes["buffer_corrupt"] = jnp.where(gradient_first, -1, drift[1])[None]
     initial = [None] * len(params0)
     for leaf, group in zip(exact, groups):
       w0, _ = rule.fixed.from_float(group.pack(params0))
@@ -592,7 +619,7 @@ def _run_bwd(config, saved, cotangents):
     codes["initial"] = jnp.stack(initial)
   failed = jnp.zeros((), bool)
   if codes:
-    failed = jnp.any(codes["drift_step"] >= 0) | jnp.any(codes["initial"])
+    failed = jnp.any(drift >= 0) | jnp.any(codes["initial"])
     if config.on_drift == "raise":
       _errors.raise_on_failure(codes, config.leaf_names, API)
     else:

@@ -53,13 +53,23 @@ def digits():
   return digits_data()
 
 
+def bits_view(x) -> np.ndarray:
+  """The array's bits as unsigned integers of the same width (so -0.0 != 0.0, NaN == NaN)."""
+  x = np.asarray(x)
+  if x.dtype == np.bool_:
+    return x.view(np.uint8)
+  return x.view(np.dtype(f"uint{x.dtype.itemsize * 8}"))
+
+
 def words_equal(a, b) -> bool:
-  """True when two pytrees have identical structure, dtypes and bits."""
+  """True when two pytrees have identical structure, shapes, dtypes and bits."""
   la, ta = jax.tree.flatten(a)
   lb, tb = jax.tree.flatten(b)
   if ta != tb:
     return False
   return all(
-    np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
+    np.asarray(x).dtype == np.asarray(y).dtype
+    and np.shape(x) == np.shape(y)
+    and np.array_equal(bits_view(x), bits_view(y))
     for x, y in zip(la, lb)
   )

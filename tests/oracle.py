@@ -1,10 +1,21 @@
-"""The test oracle: the same training as revoptax.train, as a plain float lax.scan.
+"""Test oracles written from the maths, sharing no code with revoptax.
 
-``jax.grad`` through :func:`scan_train` stores the whole trajectory; it is the
-reference the reversed hypergradients must match.  The meta-learning problem
-here puts every kind of hyperparameter in one place: per-step x per-leaf
-learning rates and momenta, per-layer init scales, per-weight L2, per-example
-weights and the training inputs themselves.
+:func:`scan_train` is momentum SGD as the papers write it, in plain floats, as
+one ``lax.scan``; ``jax.grad`` through it stores the whole trajectory and is
+the reference the reversed hypergradients must match.  Its only link to the
+library is the documented contract (docs/maths.md):
+
+    gamma_q = n / 2**16,  n = clip(round(float32(gamma) * 2**16), 2**8, 2**16 - 1)
+    v_{t+1} = gamma_q v_t - (1 - gamma_q) g_t,   g_t = grad_w L(w_t, hp, b_{t mod B}[, k_t])
+    w_{t+1} = w_t + alpha_t v_{t+1}
+
+with the straight-through gradient for the momentum quantization and
+``k_t = fold_in(key, t)``.  The comparison helpers fail on any non-finite value
+and compare element by element.
+
+The meta-learning problem here puts every kind of hyperparameter in one place:
+per-step x per-leaf learning rates and momenta, per-layer init scales,
+per-weight L2, per-example weights and the training inputs themselves.
 """
 
 import jax
@@ -14,37 +25,75 @@ from conftest import digits_data
 
 import revoptax
 
+MOMENTUM_BITS = 16
 
-def scan_train(loss_fn, params, hparams, batches, num_steps, learning_rate, momentum, bits=16):
-  rule = revoptax.MomentumSGDRule(momentum_bits=bits)
-  num_batches = jax.tree.leaves(batches)[0].shape[0]
 
-  def per_leaf(value):
-    if isinstance(value, dict | list | tuple):
-      return value
+def quantized_momentum(gamma, bits=MOMENTUM_BITS):
+  """``n / 2**bits`` with the straight-through gradient (the documented quantization)."""
+  gamma = jnp.asarray(gamma)
+  g32 = gamma.astype(jnp.float32)
+  n = jnp.clip(jnp.round(g32 * np.float32(2.0**bits)), 2.0 ** (bits - 8), 2.0**bits - 1)
+  applied = (n / np.float32(2.0**bits)).astype(gamma.dtype)
+  return gamma + jax.lax.stop_gradient(applied - gamma)
+
+
+def broadcast_to_params(value, params):
+  """One value per params leaf: a scalar for all, or a pytree that is a prefix of params."""
+  if not isinstance(value, dict | list | tuple):
     return jax.tree.map(lambda _: value, params)
+  return jax.tree.map(lambda v, p: jax.tree.map(lambda _: v, p), value, params)
+
+
+def scan_train(
+  loss_fn, params, hparams, batches, num_steps, learning_rate, momentum, key=None, bits=16
+):
+  """Final params of ``num_steps`` float momentum-SGD steps, as one ``lax.scan``."""
+  num_batches = jax.tree.leaves(batches)[0].shape[0]
 
   def step(carry, t):
     w, v = carry
     batch = jax.tree.map(lambda x: x[t % num_batches], batches)
-    g = jax.grad(loss_fn)(w, hparams, batch)
-    alpha = per_leaf(learning_rate(hparams, t))
-    gamma = per_leaf(momentum(hparams, t))
-
-    def leaf_step(w, v, g, a, m):
-      m_q = m + jax.lax.stop_gradient(rule.applied_momentum(m, m.dtype) - m)
-      return rule.float_step(w, v, g, a, m_q)
-
-    out = jax.tree.map(leaf_step, w, v, g, alpha, gamma)
-    is_pair = lambda x: isinstance(x, tuple)
-    return (
-      jax.tree.map(lambda o: o[0], out, is_leaf=is_pair),
-      jax.tree.map(lambda o: o[1], out, is_leaf=is_pair),
-    ), None
+    args = (w, hparams, batch) + (() if key is None else (jax.random.fold_in(key, t),))
+    g = jax.grad(loss_fn)(*args)
+    alpha = broadcast_to_params(learning_rate(hparams, t), w)
+    gamma = broadcast_to_params(momentum(hparams, t), w)
+    gamma = jax.tree.map(lambda m, p: quantized_momentum(m, bits).astype(p.dtype), gamma, w)
+    v = jax.tree.map(lambda v, g, m: m * v - (1 - m) * g, v, g, gamma)
+    w = jax.tree.map(lambda w, v, a: w + a * v, w, v, alpha)
+    return (w, v), None
 
   v0 = jax.tree.map(jnp.zeros_like, params)
   (w, _), _ = jax.lax.scan(step, (params, v0), jnp.arange(num_steps))
   return w
+
+
+def assert_tree_close(got, want, rtol, err_msg=""):
+  """Per leaf and element: ``|got - want| <= rtol * max|want|`` and everything finite.
+
+  ``max|want|`` is per leaf, so small entries are held to the leaf's scale
+  (relative errors of near-zero entries are meaningless in float arithmetic).
+  """
+  got_leaves = jax.tree_util.tree_leaves_with_path(got)
+  want_leaves, want_def = jax.tree.flatten(want)
+  assert jax.tree.structure(got) == want_def, (jax.tree.structure(got), want_def)
+  for (path, g), w in zip(got_leaves, want_leaves):
+    name = f"{err_msg}{jax.tree_util.keystr(path)}"
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    assert np.isfinite(g).all(), f"{name}: non-finite values in the result"
+    assert np.isfinite(w).all(), f"{name}: non-finite values in the reference"
+    scale = np.max(np.abs(w))
+    assert scale > 0, f"{name}: the reference is identically zero"
+    np.testing.assert_allclose(g, w, rtol=0, atol=rtol * scale, err_msg=name)
+
+
+def relative_errors(got, want):
+  """Per leaf: ``max|got - want| / max|want|`` (for reporting; fails on non-finite values)."""
+  out = {}
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    assert np.isfinite(g).all() and np.isfinite(w).all(), jax.tree_util.keystr(path)
+    out[jax.tree_util.keystr(path)] = float(np.max(np.abs(g - w)) / np.max(np.abs(w)))
+  return out
 
 
 SIZES = (64, 16, 10)
@@ -118,6 +167,8 @@ def meta_problem(dtype=jnp.float32, num_steps=60, batch_size=20, num_batches=6):
 
 
 def revoptax_train_fn(**options):
+  """``train_fn`` running the library under test (``revoptax.train``)."""
+
   def train(loss_fn, params, hp, batches, num_steps, learning_rate, momentum):
     return revoptax.train(
       loss_fn,
@@ -134,16 +185,10 @@ def revoptax_train_fn(**options):
   return train
 
 
-def scan_train_fn(bits=16):
+def scan_train_fn(bits=16, key=None):
+  """``train_fn`` running the float oracle :func:`scan_train`."""
+
   def train(loss_fn, params, hp, batches, num_steps, learning_rate, momentum):
-    return scan_train(loss_fn, params, hp, batches, num_steps, learning_rate, momentum, bits)
+    return scan_train(loss_fn, params, hp, batches, num_steps, learning_rate, momentum, key, bits)
 
   return train
-
-
-def max_relative_errors(got, want):
-  """Per hyperparameter leaf: max |got - want| / max |want|."""
-  return {
-    jax.tree_util.keystr(path): float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want))
-  }

@@ -28,6 +28,9 @@ STRUCTURES = [
 ]
 HORIZONS = [1, 17, 200]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Float32 hypergradients vs the float32 scan oracle, relative to each leaf's
+# largest entry; observed at most 2e-6 over 200 random examples.
+PROPERTY_RTOL = 2e-5
 
 
 def make_params(structure, seed):
@@ -136,5 +139,5 @@ def test_hypergradient_equals_scan_oracle_for_random_schedules(horizon, seed):
     "log_l2": jnp.asarray(rng.uniform(-6, -1), jnp.float32),
   }
   data = jnp.asarray(rng.normal(size=(horizon, 2)), jnp.float32)
-  errors = oracle.max_relative_errors(rev(hp, params, data), scan(hp, params, data))
-  assert max(errors.values()) < 1e-3, errors
+  got, want = rev(hp, params, data), scan(hp, params, data)
+  oracle.assert_tree_close(got, want, PROPERTY_RTOL)

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import cross_entropy, init_mlp, words_equal
+from oracle import assert_tree_close, quantized_momentum
 
 import revoptax
 from revoptax._packing import unpack_groups
@@ -102,7 +103,7 @@ def test_round_trip_for_each_momentum(gamma):
 def test_trajectory_matches_optax_sgd():
   alpha, gamma = 0.5, 0.9
   tx = revoptax.reversible_sgd(alpha, gamma, max_steps=100)
-  gamma_q = float(revoptax.MomentumSGDRule().applied_momentum(gamma))
+  gamma_q = float(quantized_momentum(jnp.float32(gamma)))
   reference = optax.sgd(alpha * (1 - gamma_q), momentum=gamma_q)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(100, 64)), jnp.float32)
   y = jnp.asarray(np.arange(100) % 10, jnp.int32)
@@ -121,8 +122,8 @@ def test_trajectory_matches_optax_sgd():
     return jax.lax.scan(step, init, None, length=100)[0]
 
   p, _, q, _ = run(params)
-  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
+  # Per element, relative to each leaf's largest weight: observed at most 6e-7.
+  assert_tree_close(p, q, 5e-6)
 
 
 def test_params_equal_exact_weights_rounded_or_are_logged():

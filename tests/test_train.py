@@ -12,13 +12,24 @@ from flax import nnx
 import revoptax
 
 
-def test_hypergradients_match_scan_oracle_in_float32():
-  """Every kind of hyperparameter, in JAX's default 32-bit mode (tolerance 1e-4)."""
+# Hypergradients of float32 training against the float32 scan oracle, per
+# element relative to each leaf's largest entry: observed at most 7.2e-7.
+RTOL_F32 = 5e-6
+
+
+@pytest.fixture(scope="module")
+def meta_f32():
   val_loss, hp = oracle.meta_problem(jnp.float32)
-  got = jax.jit(jax.grad(lambda h: val_loss(h, oracle.revoptax_train_fn())))(hp)
+  f = jax.jit(lambda h: val_loss(h, oracle.revoptax_train_fn()))
+  grads = jax.jit(jax.grad(lambda h: val_loss(h, oracle.revoptax_train_fn())))(hp)
+  return val_loss, hp, f, grads
+
+
+def test_hypergradients_match_scan_oracle_in_float32(meta_f32):
+  """Every kind of hyperparameter, in JAX's default 32-bit mode."""
+  val_loss, hp, _, got = meta_f32
   want = jax.jit(jax.grad(lambda h: val_loss(h, oracle.scan_train_fn())))(hp)
-  errors = oracle.max_relative_errors(got, want)
-  assert set(errors) == {
+  assert set(oracle.relative_errors(got, want)) == {
     "['example_logit']",
     "['log_init_scale']",
     "['log_l2']['layer0']",
@@ -27,19 +38,57 @@ def test_hypergradients_match_scan_oracle_in_float32():
     "['logit_mom']",
     "['train_x']",
   }
-  assert max(errors.values()) <= 1e-4, errors
+  oracle.assert_tree_close(got, want, RTOL_F32)
 
 
-def test_data_cotangent_is_skipped_when_data_is_not_differentiated():
-  """Only differentiated inputs get cotangents; the others' hypergradients are unchanged."""
+def _largest(grads, name, count, distinct_axis0=True):
+  """Indices of the ``count`` largest |entries| of ``grads[name]`` (distinct steps)."""
+  g = np.abs(np.asarray(grads[name]))
+  chosen, steps = [], set()
+  for flat in np.argsort(g, axis=None)[::-1]:
+    index = tuple(int(i) for i in np.unravel_index(flat, g.shape))
+    if distinct_axis0 and index[0] in steps:
+      continue
+    chosen.append(index)
+    steps.add(index[0])
+    if len(chosen) == count:
+      return chosen
+  return chosen
+
+
+def test_hypergradients_match_finite_differences_in_process(meta_f32):
+  """Per-step learning rates and momenta of single steps, and training pixels.
+
+  Five-point central differences of the float32 function with h = 0.1: the
+  loss's float32 rounding (~1e-7) gives up to 15 times that in the difference,
+  hence atol 3e-6; observed relative errors on the largest entries (at
+  different steps) are at most 1e-3.
+  """
+  _, hp, f, grads = meta_f32
+  probes = (
+    [("log_lr", i) for i in _largest(grads, "log_lr", 3)]
+    + [("log_lr", (0, 1)), ("log_lr", (59, 0))]
+    + [("logit_mom", i) for i in _largest(grads, "logit_mom", 2)]
+    + [("train_x", i) for i in _largest(grads, "train_x", 2)]
+  )
+  h = 0.1
+  for name, index in probes:
+    at = lambda d, name=name, index=index: f({**hp, name: hp[name].at[index].add(d)})
+    fd = float((-at(2 * h) + 8 * at(h) - 8 * at(-h) + at(-2 * h)) / (12 * h))
+    ad = float(grads[name][index])
+    assert np.isfinite(ad) and abs(ad) > 1e-4, (name, index, ad)
+    np.testing.assert_allclose(ad, fd, rtol=3e-3, atol=3e-6, err_msg=f"{name}{index}")
+
+
+def test_hypergradients_without_the_data_among_the_inputs_match_the_oracle():
+  """Without the data among the differentiated inputs the others still match the oracle."""
   val_loss, hp = oracle.meta_problem(jnp.float32, num_steps=20)
-  train_fn = oracle.revoptax_train_fn()
-  with_data = jax.jit(jax.grad(lambda h: val_loss(h, train_fn)))(hp)
   data = hp.pop("train_x")
-  without = jax.jit(jax.grad(lambda h: val_loss({**h, "train_x": data}, train_fn)))(hp)
-  for path, got in jax.tree_util.tree_leaves_with_path(without):
-    want = dict(jax.tree_util.tree_leaves_with_path(with_data))[path]
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-9)
+  grad_of = lambda train_fn: jax.jit(
+    jax.grad(lambda h: val_loss({**h, "train_x": data}, train_fn))
+  )(hp)
+  got = grad_of(oracle.revoptax_train_fn())
+  oracle.assert_tree_close(got, grad_of(oracle.scan_train_fn()), RTOL_F32)
 
 
 def digits_meta(num_steps, gamma=0.9):
@@ -73,26 +122,16 @@ def digits_meta(num_steps, gamma=0.9):
   return val_loss, hp
 
 
-def test_memory_is_flat_in_the_number_of_steps():
-  """XLA temp memory of jit(grad) at T = 1,000 is at most 3x that at T = 100."""
-
-  def temp_bytes(num_steps):
-    val_loss, hp = digits_meta(num_steps)
-    compiled = jax.jit(jax.grad(val_loss)).lower(hp).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
-
-  small, large = temp_bytes(100), temp_bytes(1000)
-  assert large <= 3 * small, (small, large)
-
-
 def test_vmap_over_a_population_of_hyperparameters():
+  """Each member of a vmapped population gets its own hypergradient (vs the oracle)."""
   val_loss, hp = oracle.meta_problem(jnp.float32, num_steps=20)
   f = lambda h: val_loss(h, oracle.revoptax_train_fn())
   population = jax.tree.map(lambda x: jnp.stack([x, x * 1.01]), hp)
   batched = jax.jit(jax.vmap(jax.grad(f)))(population)
-  single = jax.jit(jax.grad(f))(jax.tree.map(lambda x: x[1], population))
-  errors = oracle.max_relative_errors(jax.tree.map(lambda x: x[1], batched), single)
-  assert max(errors.values()) < 1e-4
+  want = jax.jit(jax.vmap(jax.grad(lambda h: val_loss(h, oracle.scan_train_fn()))))(population)
+  for i in range(2):
+    member = lambda tree, i=i: jax.tree.map(lambda x: x[i], tree)
+    oracle.assert_tree_close(member(batched), member(want), RTOL_F32, err_msg=f"member {i}")
 
 
 class NNXMLP(nnx.Module):
@@ -105,6 +144,7 @@ class NNXMLP(nnx.Module):
 
 
 def test_nnx_model_through_split_and_merge():
+  """An nnx.State of params: hypergradients and init gradients equal the oracle's."""
   xb, yb, xv, yv = digits_data(num_train=200, batch_size=50)
   graphdef, params = nnx.split(NNXMLP(nnx.Rngs(0)), nnx.Param)
 
@@ -114,23 +154,26 @@ def test_nnx_model_through_split_and_merge():
     nll = -jnp.mean(jnp.take_along_axis(logp, batch[1][:, None], axis=1))
     return nll + jnp.exp(hp["log_l2"]) * sum(jnp.sum(p**2) for p in jax.tree.leaves(params))
 
-  def val_loss(hp, params):
-    trained = revoptax.train(
-      loss_fn,
-      params,
-      hp,
-      (xb, yb),
-      num_steps=50,
-      learning_rate=lambda hp, t: jnp.exp(hp["log_lr"]),
-      momentum=lambda hp, t: 0.9,
-    )
-    logp = jax.nn.log_softmax(nnx.merge(graphdef, trained)(xv))
-    return -jnp.mean(jnp.take_along_axis(logp, yv[:, None], axis=1))
+  def val_loss(train_fn):
+    def f(hp, params):
+      trained = train_fn(
+        loss_fn,
+        params,
+        hp,
+        (xb, yb),
+        50,
+        lambda hp, t: jnp.exp(hp["log_lr"]),
+        lambda hp, t: 0.9,
+      )
+      logp = jax.nn.log_softmax(nnx.merge(graphdef, trained)(xv))
+      return -jnp.mean(jnp.take_along_axis(logp, yv[:, None], axis=1))
+
+    return jax.jit(jax.grad(f, argnums=(0, 1)))
 
   hp = {"log_lr": jnp.log(0.3), "log_l2": jnp.asarray(-5.0)}
-  g_hp, g_params = jax.jit(jax.grad(val_loss, argnums=(0, 1)))(hp, params)
-  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves((g_hp, g_params)))
-  assert float(g_hp["log_lr"]) != 0.0
+  got = val_loss(oracle.revoptax_train_fn())(hp, params)
+  want = val_loss(oracle.scan_train_fn())(hp, params)
+  oracle.assert_tree_close(got, want, RTOL_F32)
 
 
 class LinenMLP(nn.Module):
@@ -162,7 +205,7 @@ def test_linen_params_pytree_against_oracle():
   hp = {"log_lr": jnp.full((40,), jnp.log(0.2)), "logit_mom": jnp.full((40,), 1.5)}
   got = jax.jit(jax.grad(val(oracle.revoptax_train_fn())))(hp)
   want = jax.jit(jax.grad(val(oracle.scan_train_fn())))(hp)
-  assert max(oracle.max_relative_errors(got, want).values()) < 1e-4
+  oracle.assert_tree_close(got, want, RTOL_F32)
 
 
 def simple_problem(**overrides):
@@ -192,19 +235,40 @@ def test_return_velocity_and_its_gradient():
 
 
 def test_dropout_with_key_replays_exactly():
-  loss_fn, params, hp, batches, kw = simple_problem(num_steps=30)
+  """Dropout from per-step keys: the oracle replays fold_in(key, t) and agrees."""
+  xb, yb, xv, yv = digits_data(num_train=100, batch_size=50)
+  params = init_mlp(jax.random.key(0), sizes=(64, 8, 10))
+  key = jax.random.key(1)
 
   def dropout_loss(p, hp, batch, key):
     keep = jax.random.bernoulli(key, 0.8, batch[0].shape)
-    return cross_entropy(p, batch[0] * keep / 0.8, batch[1])
+    l2 = sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+    return cross_entropy(p, batch[0] * keep / 0.8, batch[1]) + jnp.exp(hp["log_l2"]) * l2
 
-  f = lambda h: jnp.sum(
-    jax.tree.leaves(revoptax.train(dropout_loss, params, h, batches, key=jax.random.key(1), **kw))[
-      0
-    ]
+  lr = lambda hp, t: jnp.exp(hp["log_lr"][t])
+  mom = lambda hp, t: jax.nn.sigmoid(hp["logit_mom"][t])
+
+  def reversed_train(loss_fn, params, hp, batches, num_steps, lr, mom):
+    return revoptax.train(
+      loss_fn, params, hp, batches, num_steps=num_steps, learning_rate=lr, momentum=mom, key=key
+    )
+
+  def val(train_fn):
+    f = lambda hp: cross_entropy(train_fn(dropout_loss, params, hp, (xb, yb), 30, lr, mom), xv, yv)
+    return jax.jit(jax.grad(f))
+
+  hp = {
+    "log_lr": jnp.full((30,), jnp.log(0.3)),
+    "logit_mom": jnp.full((30,), 2.0),
+    "log_l2": jnp.asarray(-4.0),
+  }
+  got = val(reversed_train)(hp)  # raises if the backward pass drifted
+  oracle.assert_tree_close(got, val(oracle.scan_train_fn(key=key))(hp), RTOL_F32)
+  # Without replaying the keys the oracle is a different function.
+  other = val(oracle.scan_train_fn(key=jax.random.key(2)))(hp)
+  assert np.max(np.abs(np.asarray(got["log_lr"] - other["log_lr"]))) > 1e-3 * np.max(
+    np.abs(np.asarray(other["log_lr"]))
   )
-  g = jax.jit(jax.grad(f))(hp)  # raises if the backward pass drifted
-  assert bool(jnp.isfinite(g["log_lr"]))
 
 
 def test_closure_over_traced_value_gives_clear_error():
