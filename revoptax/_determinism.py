@@ -3,11 +3,10 @@
 Exact reversal recomputes every step's gradient in the backward pass and needs
 it bit for bit equal to the forward pass's.  XLA compiles the same gradient
 differently depending on the surrounding program (fusion decisions, operation
-order), which can change the last bit: measured here on a smooth loss of a
-bfloat16 and a float32 leaf, 8 of 12 random runs differed by one ulp at some
-step between the forward and the backward scan.  :func:`isolated` puts
-optimization barriers around the computation so that it is compiled on its
-own in both passes (0 of 12 then differed), and :func:`fingerprint` gives the
+order), which can change the last bit (seen on a smooth loss of a bfloat16
+and a float32 leaf, between a forward and a backward ``lax.scan``).
+:func:`isolated` puts optimization barriers around the computation so that it
+is compiled on its own in both passes, and :func:`fingerprint` gives the
 32-bit checksum that the checks compare.
 
 Reference: D. Maclaurin et al. 2015, §2.3 ("the gradient must be recomputed

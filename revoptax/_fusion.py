@@ -3,26 +3,17 @@
 XLA fuses cheap elementwise producers into every consumer that reads them, so
 on CPU an integer chain with several outputs (the new velocity, the new
 buffer heads, range flags, the words of each) is re-computed inside the loop
-of every output: measured 3-6 times the unique work of one exact step, and
+of every output (several times the unique work of one exact step), and
 ``optimization_barrier`` does not prevent it (XLA:CPU removes barriers before
 fusion).  A reduction is never duplicated into its consumers (XLA counts it
 as expensive), so an identity written as a reduction, ``x | x`` over a new
 broadcast axis of size two, is computed once into its own buffer, and the
 consumers read that.  The values are unchanged bit for bit.
 
-Measured (same process, interleaved runs): one exact step on the digits
-MLP's six leaves 56 us with these points, 71 us with ``x | 0`` over a
-stacked zero (the stacked form compiles to scalar code), 70 us through
-``lax.cond`` (extra copies), 89 us without; the digits hypergradient
-(T = 1,000) 0.55 s with them, 0.94 s without.
-
 The float params of a packed group are materialized whole before they are
 sliced into leaves: fused into each slice, the conversion is costed by
 XLA:CPU's parallel task assignment as the whole group's work and every slice
-is split over the thread pool.  Together with a one-instruction float32
-conversion this took the digits hypergradient from 39 split fusions to 8 and
-its time by 9% on both cores (14% on one), the forward pass from 267 to 216
-us/step.
+is split over the thread pool.
 """
 
 from __future__ import annotations

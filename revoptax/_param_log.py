@@ -4,8 +4,8 @@
 a weight shrinks to less than about the size of its update (for instance when
 it crosses zero), no float ``updates`` makes ``params + updates`` equal the
 exact weight rounded to float: the fine bits of the result are below the
-spacing of ``params``.  Measured on the digits MLP (float32, 1,000 steps) this
-happens for about 3 in 10,000 weight updates.  The gradient of the next step
+spacing of ``params`` (how often depends on how often weights cross zero; see
+``docs/benchmarks.md``).  The gradient of the next step
 is then taken at a float that is not a function of the exact state, and
 reversal must know it.  This log keeps exactly those elements (flat index,
 value, step), so the inverse step can recompute the gradient at the very

@@ -2,8 +2,8 @@
 
 Forward: ``num_steps`` exact momentum-SGD steps (see :mod:`revoptax._sgd`),
 keeping only the final exact state, the information buffer and two 32-bit
-fingerprints per step (of the gradient and of the buffer heads, all leaves).  Backward (Maclaurin et al. 2015, Algorithm 2),
-for ``t = T-1 .. 0``::
+fingerprints per step (of the gradient and of the buffer heads, all leaves).
+Backward (Maclaurin et al. 2015, Algorithm 2), for ``t = T-1 .. 0``::
 
     w_t  = w_{t+1} - Q(alpha_t F(v_{t+1}))                 exact
     g_t, hvp = jax.vjp(grad_w L, F(w_t), hparams, batch_t)  recomputed gradient
@@ -429,7 +429,9 @@ def _forward(config: _Config, params, alphas, gammas, h_float, b_float, h_other,
       new_exact.append(leaf)
       new_bad.append(jnp.where((bad < 0) & hit, code, bad).astype(jnp.int32))
       new_buffer.append(jnp.where((buf_t < 0) & flags["buffer"], t, buf_t).astype(jnp.int32))
-    prints = jnp.stack([fingerprint_all(g), _heads_print(new_exact)]) if config.check_drift else None
+    prints = None
+    if config.check_drift:
+      prints = jnp.stack([fingerprint_all(g), _heads_print(new_exact)])
     return (new_exact, _params(config, new_exact), new_bad, new_buffer), prints
 
   (exact, _, first_bad, buffer_step), prints = lax.scan(

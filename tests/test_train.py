@@ -11,7 +11,6 @@ from flax import nnx
 
 import revoptax
 
-
 # Hypergradients of float32 training against the float32 scan oracle, per
 # element relative to each leaf's largest entry: observed at most 7.2e-7.
 RTOL_F32 = 5e-6
