@@ -131,7 +131,7 @@ class FixedPointFormat:
   def in_range_int(self, k) -> jax.Array:
     """:meth:`in_range` of ``int64`` integers; inside :func:`exact_scope`."""
     limit = 1 << (self.int_bits + self.radix_bits)
-    return (k >= -limit) & (k < limit)
+    return (k > -limit) & (k < limit)
 
   def from_float(self, x) -> tuple[Fixed, jax.Array]:
     """Round floats to the nearest fixed-point value (ties to even), exactly.

@@ -130,7 +130,7 @@ MUTATIONS = [
     "range_off_by_one",
     "the fixed-point range check admits |x| = 2**int_bits",
     "revoptax/_fixed_point.py",
-    (("return (k >= -limit) & (k < limit)", "return (k >= -limit) & (k <= limit)"),),
+    (("return (k > -limit) & (k < limit)", "return (k > -limit) & (k <= limit)"),),
   ),
   Mutation(
     "schedule_index",
@@ -209,6 +209,23 @@ MUTATIONS = [
 ]
 
 
+# The default suite, with the files that catch most mutations soonest first
+# (pytest -x stops at the first failure); files not named here follow.
+FIRST = [
+  "tests/test_fixed_point.py",
+  "tests/test_buffer.py",
+  "tests/test_checks.py",
+  "tests/test_train.py",
+  "tests/test_buffer_cost.py",
+  "tests/test_sgd.py",
+]
+
+
+def suite_files(scratch: Path) -> list[str]:
+  rest = sorted(str(p.relative_to(scratch)) for p in (scratch / "tests").glob("test_*.py"))
+  return FIRST + [f for f in rest if f not in FIRST]
+
+
 def tracked_files() -> list[str]:
   out = subprocess.run(
     ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
@@ -252,7 +269,16 @@ def run_suite(scratch: Path, pytest_args: list[str]) -> tuple[int, str, float]:
     raise SystemExit(f"the scratch copy is not the revoptax imported ({where})")
   start = time.time()
   result = subprocess.run(
-    [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *pytest_args],
+    [
+      sys.executable,
+      "-m",
+      "pytest",
+      "-x",
+      "-q",
+      "-p",
+      "no:cacheprovider",
+      *(pytest_args or suite_files(scratch)),
+    ],
     cwd=scratch,
     env=env,
     capture_output=True,

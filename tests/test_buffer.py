@@ -59,9 +59,11 @@ def test_round_trip_is_bit_exact_and_cost_is_log2_inverse_gamma(gamma):
   assert words_equal(v_back, v0)
   assert words_equal(buf_back, buf0)  # stack, heads, row steps and size all as at the start
   measured = float(buffer_lib.used_bits(buf_end)) / num_steps
-  assert measured <= 1.02 * ideal + 64 / num_steps
+  # At most 2 bits per element over the run beyond 1.02x (measured within 0.01
+  # bits of the ideal; tests/test_buffer_cost.py measures train and reversible_sgd).
+  assert measured <= 1.02 * ideal + 2 / num_steps
   # And the cost is not below the information-theoretic minimum either.
-  assert measured >= ideal - 2 / num_steps
+  assert measured >= ideal - 0.5 / num_steps
   # v_T is v_0 * gamma_q**T up to n units of the last place per step.
   applied = float(buffer_lib.dequantize_momentum(n, K))
   expected = np.asarray(FMT.to_float(v0), np.float64) * applied**num_steps

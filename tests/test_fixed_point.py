@@ -111,6 +111,17 @@ def test_range_and_non_finite_values_are_detected():
   assert not bool(FMT.in_range(FMT.add(big, big)).all())
 
 
+def test_range_boundaries_are_exact():
+  """``|x| < 2**int_bits`` exactly: the largest and smallest representable steps at both ends."""
+  limit = 2 ** (FMT.int_bits + FMT.radix_bits)
+  ks = [limit - 1, limit, -(limit - 1), -limit, 0]
+  x = Fixed(
+    jnp.asarray(np.array([k >> 32 for k in ks], np.int32)),
+    jnp.asarray(np.array([k & 0xFFFFFFFF for k in ks], np.uint32)),
+  )
+  assert np.asarray(FMT.in_range(x)).tolist() == [True, False, True, False, True]
+
+
 def test_format_validation():
   with pytest.raises(ValueError, match="exceeds 62"):
     FixedPointFormat(radix_bits=50, int_bits=20)

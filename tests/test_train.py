@@ -230,7 +230,8 @@ def test_return_velocity_and_its_gradient():
   got = jax.jit(jax.grad(f))(hp)
   eps = 1e-2
   fd = (f({"log_lr": hp["log_lr"] + eps}) - f({"log_lr": hp["log_lr"] - eps})) / (2 * eps)
-  np.testing.assert_allclose(got["log_lr"], fd, rtol=2e-2)
+  # Central difference of the float32 function: observed relative error 6e-6.
+  np.testing.assert_allclose(got["log_lr"], fd, rtol=5e-5)
 
 
 def test_dropout_with_key_replays_exactly():
