@@ -20,6 +20,16 @@ from revoptax._train import train
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+  # train_module needs flax, which revoptax itself does not: imported on first use.
+  if name == "train_module":
+    from revoptax._flax import train_module
+
+    return train_module
+  raise AttributeError(f"module 'revoptax' has no attribute {name!r}")
+
+
 __all__ = [
   "ExactLeaf",
   "Fixed",
@@ -32,6 +42,7 @@ __all__ = [
   "reversible_sgd",
   "check",
   "train",
+  "train_module",
   "fingerprint",
   "isolated",
 ]
