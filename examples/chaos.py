@@ -109,11 +109,14 @@ def main(argv=None):
 
   def summary(loss, grad):
     # Does the hypergradient at each point predict the sign of the change to the next point?
-    predicted = np.sign(grad[:-1]) == np.sign(np.diff(loss))
+    # Past float32's range (|d loss / d log lr| > 3e38) the hypergradient overflows to inf/NaN.
+    finite = np.isfinite(grad)
+    predicted = (np.sign(grad[:-1]) == np.sign(np.diff(loss)))[finite[:-1]]
     return {
       "best_log_lr": float(log_lrs[np.argmin(loss)]),
       "best_loss": float(np.min(loss)),
-      "max_abs_hypergradient": float(np.max(np.abs(grad))),
+      "max_abs_hypergradient": float(np.max(np.abs(grad[finite]))),
+      "non_finite_hypergradients": int(np.sum(~finite)),
       "sign_agreement_with_next_point": float(np.mean(predicted)),
     }
 
@@ -133,7 +136,8 @@ def main(argv=None):
     s = summary(loss, grad)
     print(
       f"T = {t}: best log learning rate {s['best_log_lr']:.2f} (loss {s['best_loss']:.4f}), "
-      f"max |hypergradient| {s['max_abs_hypergradient']:.3g}, sign agrees with the next point "
+      f"max finite |hypergradient| {s['max_abs_hypergradient']:.3g} "
+      f"({s['non_finite_hypergradients']} overflowed), sign agrees with the next point "
       f"{100 * s['sign_agreement_with_next_point']:.0f}% of the time"
     )
   print(f"wrote {out}/")

@@ -361,7 +361,9 @@ def _heads_print_index(meta, stack, t):
 
 
 def _heads_print(leaf: ExactLeaf):
-  return _bits_as(fingerprint(jnp.stack([leaf.buffer.head_hi, leaf.buffer.head_lo])), jnp.int32)
+  """Fingerprint of the buffer heads' low words: a lost or altered row, or a wrong symbol,
+  changes them (the low word of an un-spilled head is the row itself)."""
+  return _bits_as(fingerprint(leaf.buffer.head_lo), jnp.int32)
 
 
 def _pack(step, error, layout, exact, logs, metas) -> ReversibleSGDState:

@@ -67,21 +67,24 @@ def scan_train(
   return w
 
 
-def assert_tree_close(got, want, rtol, err_msg=""):
-  """Per leaf and element: ``|got - want| <= rtol * max|want|`` and everything finite.
+def assert_tree_close(got, want, rtol, err_msg="", per="leaf"):
+  """Per element: ``|got - want| <= rtol * max|want|`` and everything finite.
 
-  ``max|want|`` is per leaf, so small entries are held to the leaf's scale
-  (relative errors of near-zero entries are meaningless in float arithmetic).
+  ``max|want|`` is taken per leaf (``per="leaf"``) or over the whole tree
+  (``per="tree"``, for random problems where one leaf's gradient can cancel to
+  near zero), so small entries are held to that scale (relative errors of
+  near-zero entries are meaningless in float arithmetic).
   """
   got_leaves = jax.tree_util.tree_leaves_with_path(got)
   want_leaves, want_def = jax.tree.flatten(want)
   assert jax.tree.structure(got) == want_def, (jax.tree.structure(got), want_def)
+  tree_scale = max(float(np.max(np.abs(np.asarray(w, np.float64)))) for w in want_leaves)
   for (path, g), w in zip(got_leaves, want_leaves):
     name = f"{err_msg}{jax.tree_util.keystr(path)}"
     g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
     assert np.isfinite(g).all(), f"{name}: non-finite values in the result"
     assert np.isfinite(w).all(), f"{name}: non-finite values in the reference"
-    scale = np.max(np.abs(w))
+    scale = np.max(np.abs(w)) if per == "leaf" else tree_scale
     assert scale > 0, f"{name}: the reference is identically zero"
     np.testing.assert_allclose(g, w, rtol=0, atol=rtol * scale, err_msg=name)
 

@@ -28,9 +28,11 @@ STRUCTURES = [
 ]
 HORIZONS = [1, 17, 200]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-# Float32 hypergradients vs the float32 scan oracle, relative to each leaf's
-# largest entry; observed at most 2.2e-6 over 80 random examples.
-PROPERTY_RTOL = 2e-5
+# Float32 hypergradients vs the float32 scan oracle, relative to the largest
+# entry of the whole hypergradient (one leaf's gradient can cancel to near zero
+# in a random problem: a scalar L2 gradient of 7.7e-5 was off by 1.4e-4 of itself):
+# observed at most 3.8e-6 over 124 random examples.
+PROPERTY_RTOL = 3e-5
 
 
 def make_params(structure, seed):
@@ -140,4 +142,4 @@ def test_hypergradient_equals_scan_oracle_for_random_schedules(horizon, seed):
   }
   data = jnp.asarray(rng.normal(size=(horizon, 2)), jnp.float32)
   got, want = rev(hp, params, data), scan(hp, params, data)
-  oracle.assert_tree_close(got, want, PROPERTY_RTOL)
+  oracle.assert_tree_close(got, want, PROPERTY_RTOL, per="tree")
