@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 
@@ -23,6 +24,64 @@ def split_digits(seed: int = 0):
   x = jnp.asarray(x[order] / 16.0, jnp.float32)
   y = jnp.asarray(y[order], jnp.int32)
   return (x[:1000], y[:1000]), (x[1000:1400], y[1000:1400]), (x[1400:], y[1400:])
+
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def load_idx(path: Path) -> np.ndarray:
+  """An array from an IDX file (the MNIST format), gzipped or not."""
+  raw = Path(path).read_bytes()
+  if raw[:2] == b"\x1f\x8b":
+    raw = gzip.decompress(raw)
+  if raw[:2] != b"\x00\x00" or raw[2] not in _IDX_TYPES:
+    raise ValueError(f"{path}: not an IDX file (magic bytes {raw[:4]!r})")
+  ndim = raw[3]
+  shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+  data = np.frombuffer(raw, dtype=_IDX_TYPES[raw[2]], offset=4 + 4 * ndim)
+  if data.size != int(np.prod(shape)):
+    raise ValueError(f"{path}: header says {shape}, file holds {data.size} values")
+  return data.reshape(shape)
+
+
+def _find(data_dir: Path, stem: str) -> Path:
+  dotted = stem.replace("-idx", ".idx")  # some mirrors name them train-images.idx3-ubyte
+  for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
+    if (data_dir / name).exists():
+      return data_dir / name
+  raise FileNotFoundError(
+    f"{data_dir}: no {stem}[.gz]; download MNIST's IDX files (train-images-idx3-ubyte, "
+    "train-labels-idx1-ubyte) there yourself: the examples never download"
+  )
+
+
+def split_mnist(data_dir, seed: int = 0):
+  """MNIST's training file shuffled once: half training, a quarter each validation and
+  hypervalidation (at most 10,000 / 5,000 / 5,000), as :func:`split_digits`."""
+  data_dir = Path(data_dir)
+  x = load_idx(_find(data_dir, "train-images-idx3-ubyte"))
+  y = load_idx(_find(data_dir, "train-labels-idx1-ubyte"))
+  if x.shape[0] != y.shape[0]:
+    raise ValueError(f"{data_dir}: {x.shape[0]} images but {y.shape[0]} labels")
+  order = np.random.default_rng(seed).permutation(len(x))
+  x = jnp.asarray(x[order].reshape(len(x), -1) / 255.0, jnp.float32)
+  y = jnp.asarray(y[order], jnp.int32)
+  n_train = min(len(x) // 2 // 100 * 100, 10_000)
+  n_val = min(len(x) // 4, 5_000)
+  train, val = slice(0, n_train), slice(n_train, n_train + n_val)
+  hyper = slice(n_train + n_val, n_train + 2 * n_val)
+  return (x[train], y[train]), (x[val], y[val]), (x[hyper], y[hyper])
+
+
+def load_splits(dataset: str, data_dir=None, seed: int = 0):
+  """``(train, validation, hypervalidation)`` of ``"digits"``, or ``"mnist"`` from ``data_dir``."""
+  if dataset == "digits":
+    return split_digits(seed)
+  if dataset == "mnist":
+    if data_dir is None:
+      raise SystemExit("--dataset mnist needs --data-dir PATH (a folder holding MNIST's IDX files)")
+    return split_mnist(data_dir, seed)
+  raise SystemExit(f"unknown dataset {dataset!r}: use digits or mnist")
 
 
 def logits_linear(params, x):

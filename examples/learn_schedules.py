@@ -16,6 +16,9 @@ exactly instead of being stored).  Learned, per layer:
   ``momentum_floor`` by construction;
 * the initial weight scale (the standard deviation of the layer's weights).
 
+``--dataset mnist --data-dir PATH`` runs the same on MNIST's IDX files in a
+local folder (never downloaded; see ``examples/_common.py``).
+
 Every meta-iteration uses a new seed for the initial weights and the
 minibatch order.  The digits are split once into training (1,000),
 validation (400: the meta-objective) and hypervalidation (397: used by no
@@ -43,7 +46,7 @@ import revoptax
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SIZES = (64, 50, 50, 10)
+SIZES = (64, 50, 50, 10)  # the input size follows the data (784 for --dataset mnist)
 LAYERS = ("l1", "l2", "l3")
 BATCH = 100
 MOMENTUM_FLOOR = 0.5
@@ -51,11 +54,12 @@ EVAL_SEEDS = 5  # training runs averaged for the before/after figures
 
 
 class MLP(nnx.Module):
-  """64-50-50-10 tanh MLP whose layer ``i`` starts with weights ``N(0, scales[i]**2)``."""
+  """n_in-50-50-10 tanh MLP whose layer ``i`` starts with weights ``N(0, scales[i]**2)``."""
 
-  def __init__(self, scales, rngs: nnx.Rngs):
+  def __init__(self, scales, rngs: nnx.Rngs, n_in: int = SIZES[0]):
     normal = nnx.initializers.normal(1.0)
-    for name, n_in, n_out, scale in zip(LAYERS, SIZES[:-1], SIZES[1:], scales):
+    sizes = (n_in, *SIZES[1:])
+    for name, n_in, n_out, scale in zip(LAYERS, sizes[:-1], sizes[1:], scales):
       layer = nnx.Linear(n_in, n_out, kernel_init=normal, rngs=rngs)
       layer.kernel.set_value(scale * layer.kernel.get_value())
       setattr(self, name, layer)
@@ -114,9 +118,9 @@ def make_trainer(train_split, num_steps):
 
   def trained_model(hp, seed):
     init_key, order_key = jax.random.split(jax.random.fold_in(jax.random.key(0), seed))
-    model = MLP(jnp.exp(hp["log_init_scale"]), nnx.Rngs(params=init_key))
+    model = MLP(jnp.exp(hp["log_init_scale"]), nnx.Rngs(params=init_key), x.shape[1])
     order = jax.random.permutation(order_key, x.shape[0])
-    batches = (x[order].reshape(-1, BATCH, 64), y[order].reshape(-1, BATCH))
+    batches = (x[order].reshape(-1, BATCH, x.shape[1]), y[order].reshape(-1, BATCH))
     return revoptax.train_module(
       loss_fn,
       model,
@@ -143,9 +147,11 @@ def plain_meta_loss(train_split, val_split, num_steps):
 
   def meta_loss(hp, seed):
     init_key, order_key = jax.random.split(jax.random.fold_in(jax.random.key(0), seed))
-    graphdef, state = nnx.split(MLP(jnp.exp(hp["log_init_scale"]), nnx.Rngs(params=init_key)))
+    model = MLP(jnp.exp(hp["log_init_scale"]), nnx.Rngs(params=init_key), x.shape[1])
+    graphdef, state = nnx.split(model)
     order = jax.random.permutation(order_key, x.shape[0])
-    xb, yb = x[order].reshape(-1, BATCH, 64), y[order].reshape(-1, BATCH)
+    xb, yb = x[order].reshape(-1, BATCH, x.shape[1]), y[order].reshape(-1, BATCH)
+    num_batches = xb.shape[0]
 
     def model_at(params):
       filled = jax.tree.map(lambda leaf: leaf, state)
@@ -154,7 +160,8 @@ def plain_meta_loss(train_split, val_split, num_steps):
 
     def step(carry, t):
       w, v = carry
-      g = jax.grad(lambda p: cross_entropy(model_at(p), xb[t % 10], yb[t % 10]))(w)
+      b = t % num_batches
+      g = jax.grad(lambda p: cross_entropy(model_at(p), xb[b], yb[b]))(w)
       alpha = per_leaf(learning_rate(hp, t), w)
       gamma = per_leaf(momentum(hp, t), w)
       v = jax.tree.map(lambda v, g, m: m * v - (1 - m) * g, v, g, gamma)
@@ -212,12 +219,12 @@ def plot_schedules(hp0, hp, num_steps, path):
   plt.close(fig)
 
 
-def plot_init_scales(hp0, hp, path):
+def plot_init_scales(hp0, hp, path, fan_in):
   fig, ax = plt.subplots(figsize=(5, 3.5))
   layers = np.arange(1, len(LAYERS) + 1)
   ax.plot(layers, np.exp(np.asarray(hp["log_init_scale"])), "o-", label="learned")
   ax.plot(layers, np.exp(np.asarray(hp0["log_init_scale"])), "s--", label="initial")
-  ax.plot(layers, 1 / np.sqrt(SIZES[:-1]), "k^:", label="1/√fan-in")
+  ax.plot(layers, 1 / np.sqrt(fan_in), "k^:", label="1/√fan-in")
   ax.set_xticks(layers)
   ax.set_xlabel("layer")
   ax.set_ylabel("initial weight scale (std)")
@@ -246,6 +253,8 @@ def plot_meta_curve(history, path):
 def main(argv=None):
   parser = _common.parser(__doc__, "runs/learn_schedules", steps=1000, meta_steps=200)
   parser.add_argument("--knots", type=int, default=25, help="schedule values per layer")
+  parser.add_argument("--dataset", default="digits", choices=("digits", "mnist"))
+  parser.add_argument("--data-dir", help="folder with MNIST's IDX files (--dataset mnist)")
   parser.add_argument("--meta-lr", type=float, default=0.02, help="Adam's learning rate")
   args = parser.parse_args(argv)
   if args.quick:
@@ -253,7 +262,7 @@ def main(argv=None):
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
 
-  splits = _common.split_digits()
+  splits = _common.load_splits(args.dataset, args.data_dir)
   train_split, val_split, _ = splits
   trained_model = make_trainer(train_split, args.steps)
 
@@ -301,7 +310,8 @@ def main(argv=None):
   final = evaluate([evaluate_at(hp, s) for s in unseen], splits)
 
   plot_schedules(hp0, hp, args.steps, out / "schedules.png")
-  plot_init_scales(hp0, hp, out / "init_scales.png")
+  fan_in = np.asarray((splits[0][0].shape[1], *SIZES[1:-1]))
+  plot_init_scales(hp0, hp, out / "init_scales.png", fan_in)
   plot_meta_curve(history, out / "meta_curve.png")
   learning_rate, momentum = schedules(args.steps)
   results = {
@@ -316,7 +326,7 @@ def main(argv=None):
     },
     "init_scale": {
       "learned": np.exp(np.asarray(hp["log_init_scale"])).tolist(),
-      "one_over_sqrt_fan_in": (1 / np.sqrt(SIZES[:-1])).tolist(),
+      "one_over_sqrt_fan_in": (1 / np.sqrt(fan_in)).tolist(),
     },
     "initial": initial,
     "final": final,

@@ -1,10 +1,12 @@
 """The examples run in their quick modes and do what they say (a subprocess each)."""
 
+import gzip
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,3 +70,79 @@ def test_chaos_quick_shows_the_hypergradient_blowing_up(tmp_path):
   sweeps = json.loads((tmp_path / "results.json").read_text())["sweeps"]
   assert (tmp_path / "chaos.png").stat().st_size > 0
   assert sweeps["100"]["max_abs_hypergradient"] > 1e3 * sweeps["20"]["max_abs_hypergradient"]
+
+
+@pytest.mark.slow
+def test_vector_field_quick_points_downhill(tmp_path):
+  run_example("vector_field.py", "--quick", "--out", str(tmp_path))
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert (tmp_path / "vector_field.png").stat().st_size > 0
+  assert len(results["val_loss"]) == 7
+  assert results["arrows_pointing_downhill"] > 0.7
+
+
+@pytest.mark.slow
+def test_hyper_overfitting_quick_opens_a_gap(tmp_path):
+  run_example("hyper_overfitting.py", "--quick", "--out", str(tmp_path))
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert (tmp_path / "curves.png").stat().st_size > 0
+  initial, final = results["initial"], results["final"]
+  assert final["val_loss"] < 0.7 * initial["val_loss"]
+  gap = lambda r: r["hypervalidation_loss"] - r["val_loss"]
+  assert gap(final) > gap(initial) + 0.05
+
+
+def write_idx(path, array, gzipped):
+  """An IDX file (the MNIST format) of a uint8 array."""
+  header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+  raw = header + np.ascontiguousarray(array, np.uint8).tobytes()
+  path.write_bytes(gzip.compress(raw) if gzipped else raw)
+
+
+def small_mnist(folder, n=400):
+  """Synthetic 28 x 28 "digits": class c lights up a band of rows, plus noise."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, n).astype(np.uint8)
+  images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+  for i, c in enumerate(labels):
+    images[i, 2 * c + 4 : 2 * c + 7, 4:24] = 255
+  folder.mkdir(parents=True, exist_ok=True)
+  write_idx(folder / "train-images-idx3-ubyte.gz", images, gzipped=True)
+  write_idx(folder / "train-labels-idx1-ubyte", labels, gzipped=False)
+  return images, labels
+
+
+def test_idx_loader_reads_what_was_written(tmp_path):
+  sys.path.insert(0, str(ROOT / "examples"))
+  try:
+    import _common
+  finally:
+    sys.path.remove(str(ROOT / "examples"))
+  images, labels = small_mnist(tmp_path)
+  np.testing.assert_array_equal(_common.load_idx(tmp_path / "train-images-idx3-ubyte.gz"), images)
+  np.testing.assert_array_equal(_common.load_idx(tmp_path / "train-labels-idx1-ubyte"), labels)
+  (train_x, train_y), (val_x, _), (hyper_x, _) = _common.split_mnist(tmp_path)
+  assert train_x.shape == (200, 784) and val_x.shape == (100, 784) and hyper_x.shape == (100, 784)
+  assert float(train_x.max()) == 1.0 and train_y.dtype == np.int32
+  (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+  with pytest.raises(ValueError, match="not an IDX file"):
+    _common.load_idx(tmp_path / "bad")
+
+
+@pytest.mark.slow
+def test_learn_schedules_runs_on_local_mnist_files(tmp_path):
+  small_mnist(tmp_path / "mnist")
+  out = tmp_path / "run"
+  run_example(
+    "learn_schedules.py",
+    "--quick",
+    "--dataset",
+    "mnist",
+    "--data-dir",
+    str(tmp_path / "mnist"),
+    "--out",
+    str(out),
+  )
+  results = json.loads((out / "results.json").read_text())
+  assert results["init_scale"]["one_over_sqrt_fan_in"][0] == pytest.approx(1 / 28)
+  assert results["final"]["val_loss"] < results["initial"]["val_loss"]
