@@ -7,10 +7,15 @@ import gzip
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 import optax
 from sklearn.datasets import load_digits
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 def split_digits(seed: int = 0):
@@ -96,6 +101,21 @@ def accuracy(logits, y):
   return jnp.mean(jnp.argmax(logits, axis=-1) == y)
 
 
+def meta_stepper(meta_loss, meta_opt, project=lambda hp: hp):
+  """``jit`` of one meta-step: ``(hp, opt_state) -> (hp', opt_state', meta_loss(hp))``.
+
+  ``project`` maps the updated hyperparameters back to their allowed set.
+  """
+
+  @jax.jit
+  def meta_step(hp, opt_state):
+    loss, grads = jax.value_and_grad(meta_loss)(hp)
+    updates, opt_state = meta_opt.update(grads, opt_state, hp)
+    return project(optax.apply_updates(hp, updates)), opt_state, loss
+
+  return meta_step
+
+
 def parser(doc: str, out: str, steps: int, meta_steps: int) -> argparse.ArgumentParser:
   """The options every meta-learning example takes."""
   p = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -105,6 +125,23 @@ def parser(doc: str, out: str, steps: int, meta_steps: int) -> argparse.Argument
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--quick", action="store_true", help="a short run (under a minute)")
   return p
+
+
+def plot_meta_curve(history, path):
+  """The meta-objective per meta-iteration, with its running mean."""
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  iterations = np.arange(1, len(history) + 1)
+  ax.plot(iterations, history, lw=0.7, alpha=0.6, label="each meta-iteration (its own seed)")
+  window = max(1, min(10, len(history) // 4))
+  running = np.convolve(history, np.ones(window) / window, mode="valid")
+  ax.plot(iterations[window - 1 :], running, lw=2, label=f"mean of the last {window}")
+  ax.legend()
+  ax.set_xlabel("meta-iteration")
+  ax.set_ylabel("validation loss after training")
+  ax.set_title("Meta-learning curve")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def write_results(out: Path, results: dict) -> None:

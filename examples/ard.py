@@ -64,12 +64,7 @@ def main(argv=None):
     return _common.cross_entropy(_common.logits_linear(trained(hp), xv), yv)
 
   meta_opt = optax.adam(args.meta_lr)
-
-  @jax.jit
-  def meta_step(hp, opt_state):
-    loss, grads = jax.value_and_grad(meta_loss)(hp)
-    updates, opt_state = meta_opt.update(grads, opt_state, hp)
-    return optax.apply_updates(hp, updates), opt_state, loss
+  meta_step = _common.meta_stepper(meta_loss, meta_opt)
 
   hp0 = {"log_l2": jnp.full((64, 10), np.log(1e-3))}
   hp, opt_state = hp0, meta_opt.init(hp0)
@@ -101,13 +96,7 @@ def main(argv=None):
   fig.suptitle("Learned L2 penalty of each weight, per class (8 x 8 pixels)")
   fig.savefig(out / "penalties.png", dpi=120)
   plt.close(fig)
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot(np.arange(1, len(history) + 1), history)
-  ax.set_xlabel("meta-iteration")
-  ax.set_ylabel("validation loss after training")
-  fig.tight_layout()
-  fig.savefig(out / "meta_curve.png", dpi=120)
-  plt.close(fig)
+  _common.plot_meta_curve(history, out / "meta_curve.png")
   pixel_mean = penalties.mean(axis=1)
   _common.write_results(
     out,

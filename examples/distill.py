@@ -61,13 +61,8 @@ def main(argv=None):
     return _common.cross_entropy(_common.logits_linear(trained(images), xv), yv)
 
   meta_opt = optax.adam(args.meta_lr)
-
-  @jax.jit
-  def meta_step(images, opt_state):
-    loss, grads = jax.value_and_grad(meta_loss)(images)
-    updates, opt_state = meta_opt.update(grads, opt_state, images)
-    images = optax.apply_updates(images, updates)
-    return jnp.clip(images, 0.0, 1.0), opt_state, loss  # pixels stay in the data's range
+  # Pixels stay in the data's range.
+  meta_step = _common.meta_stepper(meta_loss, meta_opt, lambda x: jnp.clip(x, 0.0, 1.0))
 
   images = jnp.full((10, 64), 0.5)
   opt_state = meta_opt.init(images)
@@ -106,13 +101,7 @@ def main(argv=None):
   fig.tight_layout()
   fig.savefig(out / "images.png", dpi=120)
   plt.close(fig)
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot(np.arange(1, len(history) + 1), history)
-  ax.set_xlabel("meta-iteration")
-  ax.set_ylabel("validation loss after training")
-  fig.tight_layout()
-  fig.savefig(out / "meta_curve.png", dpi=120)
-  plt.close(fig)
+  _common.plot_meta_curve(history, out / "meta_curve.png")
   _common.write_results(
     out,
     {

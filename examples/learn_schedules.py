@@ -234,22 +234,6 @@ def plot_init_scales(hp0, hp, path, fan_in):
   plt.close(fig)
 
 
-def plot_meta_curve(history, path):
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  iterations = np.arange(1, len(history) + 1)
-  ax.plot(iterations, history, lw=0.7, alpha=0.6, label="each meta-iteration (its own seed)")
-  window = max(1, min(10, len(history) // 4))
-  running = np.convolve(history, np.ones(window) / window, mode="valid")
-  ax.plot(iterations[window - 1 :], running, lw=2, label=f"mean of the last {window}")
-  ax.legend()
-  ax.set_xlabel("meta-iteration")
-  ax.set_ylabel("validation loss after training")
-  ax.set_title("Meta-learning curve")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def main(argv=None):
   parser = _common.parser(__doc__, "runs/learn_schedules", steps=1000, meta_steps=200)
   parser.add_argument("--knots", type=int, default=25, help="schedule values per layer")
@@ -312,7 +296,7 @@ def main(argv=None):
   plot_schedules(hp0, hp, args.steps, out / "schedules.png")
   fan_in = np.asarray((splits[0][0].shape[1], *SIZES[1:-1]))
   plot_init_scales(hp0, hp, out / "init_scales.png", fan_in)
-  plot_meta_curve(history, out / "meta_curve.png")
+  _common.plot_meta_curve(history, out / "meta_curve.png")
   learning_rate, momentum = schedules(args.steps)
   results = {
     "config": vars(args),

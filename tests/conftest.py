@@ -53,6 +53,23 @@ def digits():
   return digits_data()
 
 
+def nondeterministic_loss():
+  """A loss whose scale, from a host callback, changes on every call (so every gradient)."""
+  calls = {"n": 0}
+
+  def noise(_):
+    calls["n"] += 1
+    return np.float32(1.0 + 1e-3 * calls["n"])
+
+  def loss(p, hp, batch):
+    s = jax.pure_callback(
+      noise, jax.ShapeDtypeStruct((), jnp.float32), jax.lax.stop_gradient(p["layer1"]["b"])
+    )
+    return s * cross_entropy(p, *batch)
+
+  return loss
+
+
 def bits_view(x) -> np.ndarray:
   """The array's bits as unsigned integers of the same width (so -0.0 != 0.0, NaN == NaN)."""
   x = np.asarray(x)

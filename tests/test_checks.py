@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import cross_entropy, digits_data, init_mlp
+from conftest import cross_entropy, digits_data, init_mlp, nondeterministic_loss
 
 import revoptax
 from revoptax import _buffer as buffer_lib
@@ -119,22 +119,6 @@ def test_buffer_capacity_message_names_train_options():
   message = str(caught.value)
   assert "momentum_floor" in message and "buffer_rows" in message
   assert "max_steps" not in message
-
-
-def nondeterministic_loss():
-  calls = {"n": 0}
-
-  def noise(_):
-    calls["n"] += 1
-    return np.float32(1.0 + 1e-3 * calls["n"])
-
-  def loss(p, hp, batch):
-    s = jax.pure_callback(
-      noise, jax.ShapeDtypeStruct((), jnp.float32), jax.lax.stop_gradient(p["layer1"]["b"])
-    )
-    return s * cross_entropy(p, *batch)
-
-  return loss
 
 
 def test_check_drift_false_turns_the_checks_off():

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cross_entropy, digits_data, init_mlp
+from conftest import cross_entropy, digits_data, init_mlp, nondeterministic_loss
 
 import revoptax
 
@@ -78,20 +78,8 @@ def test_one_ulp_change_in_the_backward_pass_is_detected():
 
 
 def test_callback_that_changes_every_call_is_detected_under_jit():
-  calls = {"n": 0}
-
-  def noise(_):
-    calls["n"] += 1
-    return np.float32(1.0 + 1e-3 * calls["n"])
-
-  def loss(p, hp, batch):
-    s = jax.pure_callback(
-      noise, jax.ShapeDtypeStruct((), jnp.float32), jax.lax.stop_gradient(p["layer1"]["b"])
-    )
-    return s * cross_entropy(p, *batch)
-
   with pytest.raises(Exception, match="nondeterministic gradient detected"):
-    jax.block_until_ready(hypergrad(loss))
+    jax.block_until_ready(hypergrad(nondeterministic_loss()))
 
 
 def test_on_drift_nan_warns_and_returns_nan():

@@ -90,37 +90,6 @@ def test_hypergradients_without_the_data_among_the_inputs_match_the_oracle():
   oracle.assert_tree_close(got, grad_of(oracle.scan_train_fn()), RTOL_F32)
 
 
-def digits_meta(num_steps, gamma=0.9):
-  """The digits MLP 64-50-50-10 meta-problem of the baselines (shared/reference)."""
-  xb, yb, xv, yv = digits_data()
-
-  def loss_fn(params, hp, batch):
-    x, y = batch
-    l2 = sum(jnp.sum(p**2) for p in jax.tree.leaves(params))
-    return cross_entropy(params, x, y) + jnp.exp(hp["log_l2"]) * l2
-
-  hp = {
-    "log_lr": jnp.full((num_steps,), jnp.log(0.3)),
-    "logit_mom": jnp.full((num_steps,), jnp.log(gamma / (1 - gamma))),
-    "log_l2": jnp.asarray(-6.0),
-  }
-
-  def val_loss(hp):
-    params = revoptax.train(
-      loss_fn,
-      init_mlp(jax.random.key(0)),
-      hp,
-      (xb, yb),
-      num_steps=num_steps,
-      learning_rate=lambda hp, t: jnp.exp(hp["log_lr"][t]),
-      momentum=lambda hp, t: jax.nn.sigmoid(hp["logit_mom"][t]),
-      momentum_floor=gamma,
-    )
-    return cross_entropy(params, xv, yv)
-
-  return val_loss, hp
-
-
 def test_vmap_over_a_population_of_hyperparameters():
   """Each member of a vmapped population gets its own hypergradient (vs the oracle)."""
   val_loss, hp = oracle.meta_problem(jnp.float32, num_steps=20)
