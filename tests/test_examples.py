@@ -146,3 +146,38 @@ def test_learn_schedules_runs_on_local_mnist_files(tmp_path):
   results = json.loads((out / "results.json").read_text())
   assert results["init_scale"]["one_over_sqrt_fan_in"][0] == pytest.approx(1 / 28)
   assert results["final"]["val_loss"] < results["initial"]["val_loss"]
+
+
+@pytest.mark.slow
+def test_weight_sharing_quick_learns_to_tie_the_upper_layer_more(tmp_path):
+  run_example("weight_sharing.py", "--quick", "--out", str(tmp_path))
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert (tmp_path / "sharing.png").stat().st_size > 0
+  table = results["table"]
+  assert table["learned"]["val_loss"] < table["initial"]["val_loss"]
+  assert table["learned"]["val_loss"] < table["tied"]["val_loss"]
+  ties = np.asarray(results["tie_strength"])  # [layer, pair]
+  assert ties[1].mean() > ties[0].mean()
+
+
+@pytest.mark.slow
+def test_shared_hyperparameters_quick_transfer_to_the_held_out_dataset(tmp_path):
+  run_example("shared_hyperparameters.py", "--quick", "--out", str(tmp_path))
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert (tmp_path / "transfer.png").stat().st_size > 0
+  held_out = results["held_out"]
+  table = results["table"]
+  shared = table["learned on three datasets"][held_out]["hypervalidation_loss"]
+  assert shared < table["initial"][held_out]["hypervalidation_loss"]
+
+
+@pytest.mark.slow
+def test_architecture_quick_moves_the_widths_and_ties(tmp_path):
+  run_example("architecture.py", "--quick", "--out", str(tmp_path))
+  results = json.loads((tmp_path / "results.json").read_text())
+  for name in ("widths.png", "tying.png"):
+    assert (tmp_path / name).stat().st_size > 0
+  widths, tying = results["widths"], results["tying"]
+  assert widths["cutoff_learned"] != widths["cutoff_start"]
+  assert widths["history"][-1] < widths["history"][0]
+  assert tying["history"][-1] < tying["history"][0]
