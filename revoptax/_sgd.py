@@ -549,8 +549,9 @@ def reversible_sgd(
       0.02-0.8%, peaking at 2.2% over 100 steps); leaves packed into one exact
       state share one log of the summed capacity.  An entry costs 8 bytes
       plus one param.
-    on_error: what a failed check in ``update`` does (non-finite gradient,
-      fixed-point overflow, buffer or log capacity).  ``"raise"`` (default):
+    on_error: what a failed check in ``update`` does (learning rate or
+      momentum out of range, non-finite gradient, fixed-point overflow,
+      buffer or log capacity).  ``"raise"`` (default):
       raise :class:`revoptax.ReversibilityError` naming the step and leaf (a
       runtime error with that message under ``jit``, from a host callback
       that runs only when a check fails).  ``"nan"``: no callback; the first
