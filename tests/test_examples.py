@@ -24,14 +24,19 @@ def run_example(name, *args, timeout=600):
   return result.stdout
 
 
+def quick_results(name, out, figures, *args):
+  """Run an example's quick mode into ``out``; check its figures; return (results, stdout)."""
+  stdout = run_example(name, "--quick", *args, "--out", str(out))
+  for figure in (*figures, "results.json"):
+    assert (out / figure).stat().st_size > 0, figure
+  return json.loads((out / "results.json").read_text()), stdout
+
+
 @pytest.mark.slow
 def test_learn_schedules_quick_learns(tmp_path):
-  out = tmp_path / "run"
-  stdout = run_example("learn_schedules.py", "--quick", "--out", str(out))
+  figures = ("schedules.png", "init_scales.png", "meta_curve.png")
+  results, stdout = quick_results("learn_schedules.py", tmp_path, figures)
   assert "by exact reversal" in stdout
-  for name in ("schedules.png", "init_scales.png", "meta_curve.png", "results.json"):
-    assert (out / name).stat().st_size > 0, name
-  results = json.loads((out / "results.json").read_text())
   assert len(results["history"]["meta_loss"]) == 40
   names = {"log_learning_rate", "momentum_logit", "log_init_scale"}
   assert set(results["hyperparameters"]) == names
@@ -46,18 +51,14 @@ def test_learn_schedules_quick_learns(tmp_path):
 
 @pytest.mark.slow
 def test_ard_quick_learns(tmp_path):
-  run_example("ard.py", "--quick", "--out", str(tmp_path))
-  results = json.loads((tmp_path / "results.json").read_text())
-  assert (tmp_path / "penalties.png").stat().st_size > 0
+  results, _ = quick_results("ard.py", tmp_path, ["penalties.png"])
   assert len(results["hyperparameters"]["log_l2"]) == 64
   assert results["final"]["val_loss"] < results["initial"]["val_loss"]
 
 
 @pytest.mark.slow
 def test_distill_quick_beats_random_real_digits(tmp_path):
-  run_example("distill.py", "--quick", "--out", str(tmp_path))
-  results = json.loads((tmp_path / "results.json").read_text())
-  assert (tmp_path / "images.png").stat().st_size > 0
+  results, _ = quick_results("distill.py", tmp_path, ["images.png"])
   history = results["history"]["meta_loss"]
   assert history[-1] < history[0]
   learned, real = results["final"], results["random_real_digits"]
@@ -66,26 +67,21 @@ def test_distill_quick_beats_random_real_digits(tmp_path):
 
 @pytest.mark.slow
 def test_chaos_quick_shows_the_hypergradient_blowing_up(tmp_path):
-  run_example("chaos.py", "--quick", "--out", str(tmp_path))
-  sweeps = json.loads((tmp_path / "results.json").read_text())["sweeps"]
-  assert (tmp_path / "chaos.png").stat().st_size > 0
+  results, _ = quick_results("chaos.py", tmp_path, ["chaos.png"])
+  sweeps = results["sweeps"]
   assert sweeps["100"]["max_abs_hypergradient"] > 1e3 * sweeps["20"]["max_abs_hypergradient"]
 
 
 @pytest.mark.slow
 def test_vector_field_quick_points_downhill(tmp_path):
-  run_example("vector_field.py", "--quick", "--out", str(tmp_path))
-  results = json.loads((tmp_path / "results.json").read_text())
-  assert (tmp_path / "vector_field.png").stat().st_size > 0
+  results, _ = quick_results("vector_field.py", tmp_path, ["vector_field.png"])
   assert len(results["val_loss"]) == 7
   assert results["arrows_pointing_downhill"] > 0.7
 
 
 @pytest.mark.slow
 def test_hyper_overfitting_quick_opens_a_gap(tmp_path):
-  run_example("hyper_overfitting.py", "--quick", "--out", str(tmp_path))
-  results = json.loads((tmp_path / "results.json").read_text())
-  assert (tmp_path / "curves.png").stat().st_size > 0
+  results, _ = quick_results("hyper_overfitting.py", tmp_path, ["curves.png"])
   initial, final = results["initial"], results["final"]
   assert final["val_loss"] < 0.7 * initial["val_loss"]
   gap = lambda r: r["hypervalidation_loss"] - r["val_loss"]
@@ -132,27 +128,15 @@ def test_idx_loader_reads_what_was_written(tmp_path):
 @pytest.mark.slow
 def test_learn_schedules_runs_on_local_mnist_files(tmp_path):
   small_mnist(tmp_path / "mnist")
-  out = tmp_path / "run"
-  run_example(
-    "learn_schedules.py",
-    "--quick",
-    "--dataset",
-    "mnist",
-    "--data-dir",
-    str(tmp_path / "mnist"),
-    "--out",
-    str(out),
-  )
-  results = json.loads((out / "results.json").read_text())
+  data = ("--dataset", "mnist", "--data-dir", str(tmp_path / "mnist"))
+  results, _ = quick_results("learn_schedules.py", tmp_path / "run", ["init_scales.png"], *data)
   assert results["init_scale"]["one_over_sqrt_fan_in"][0] == pytest.approx(1 / 28)
   assert results["final"]["val_loss"] < results["initial"]["val_loss"]
 
 
 @pytest.mark.slow
 def test_weight_sharing_quick_learns_to_tie_the_upper_layer_more(tmp_path):
-  run_example("weight_sharing.py", "--quick", "--out", str(tmp_path))
-  results = json.loads((tmp_path / "results.json").read_text())
-  assert (tmp_path / "sharing.png").stat().st_size > 0
+  results, _ = quick_results("weight_sharing.py", tmp_path, ["sharing.png"])
   table = results["table"]
   assert table["learned"]["val_loss"] < table["initial"]["val_loss"]
   assert table["learned"]["val_loss"] < table["tied"]["val_loss"]
@@ -162,9 +146,7 @@ def test_weight_sharing_quick_learns_to_tie_the_upper_layer_more(tmp_path):
 
 @pytest.mark.slow
 def test_shared_hyperparameters_quick_transfer_to_the_held_out_dataset(tmp_path):
-  run_example("shared_hyperparameters.py", "--quick", "--out", str(tmp_path))
-  results = json.loads((tmp_path / "results.json").read_text())
-  assert (tmp_path / "transfer.png").stat().st_size > 0
+  results, _ = quick_results("shared_hyperparameters.py", tmp_path, ["transfer.png"])
   held_out = results["held_out"]
   table = results["table"]
   shared = table["learned on three datasets"][held_out]["hypervalidation_loss"]
@@ -173,10 +155,7 @@ def test_shared_hyperparameters_quick_transfer_to_the_held_out_dataset(tmp_path)
 
 @pytest.mark.slow
 def test_architecture_quick_moves_the_widths_and_ties(tmp_path):
-  run_example("architecture.py", "--quick", "--out", str(tmp_path))
-  results = json.loads((tmp_path / "results.json").read_text())
-  for name in ("widths.png", "tying.png"):
-    assert (tmp_path / name).stat().st_size > 0
+  results, _ = quick_results("architecture.py", tmp_path, ["widths.png", "tying.png"])
   widths, tying = results["widths"], results["tying"]
   assert widths["cutoff_learned"] != widths["cutoff_start"]
   assert widths["history"][-1] < widths["history"][0]

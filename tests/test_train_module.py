@@ -150,6 +150,38 @@ def test_batch_norm_in_training_mode_is_refused(data):
     )
 
 
+class Counter(nnx.Variable):
+  pass
+
+
+class CountingLinear(nnx.Module):
+  """Replaces (rather than mutates) a non-trained variable on every call: flax allows that."""
+
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(64, 10, rngs=rngs)
+    self.calls = Counter(jnp.zeros(()))
+
+  def __call__(self, x):
+    self.calls = Counter(self.calls.get_value() + 1)
+    return self.linear(x)
+
+
+def test_a_replaced_untrained_variable_is_refused(data):
+  """revoptax's own check, for the changes flax itself lets through."""
+  batches, _ = data
+  hp, lr, mom = schedules(3)
+  with pytest.raises(ValueError, match=r"changes the module variable \['calls'\]"):
+    revoptax.train_module(
+      module_loss,
+      CountingLinear(nnx.Rngs(0)),
+      hp,
+      batches,
+      num_steps=3,
+      learning_rate=lr,
+      momentum=mom,
+    )
+
+
 def test_batch_norm_in_inference_mode_trains_and_returns_a_new_module(data):
   batches, (xv, yv) = data
   num_steps = 20
