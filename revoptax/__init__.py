@@ -6,16 +6,16 @@ exactly (Maclaurin, Duvenaud & Adams, ICML 2015).
 
 from revoptax._determinism import fingerprint, isolated
 from revoptax._errors import ReversibilityError
+from revoptax._alias import reversible_sgd
 from revoptax._fixed_point import Fixed, FixedPointFormat
-from revoptax._sgd import (
-  ExactLeaf,
-  MomentumSGDRule,
-  ReversibleSGDState,
+from revoptax._optax import (
+  ReversibleState,
   ReversibleTransformation,
-  StateLayout,
   check,
-  reversible_sgd,
+  reversible_optimizer,
 )
+from revoptax._rule import ReversibleRule, StepFlags
+from revoptax._sgd import MomentumSGDRule, MomentumSGDState, momentum_above
 from revoptax._train import train
 
 __version__ = "0.1.0"
@@ -31,18 +31,21 @@ def __getattr__(name):
 
 
 __all__ = [
-  "ExactLeaf",
   "Fixed",
   "FixedPointFormat",
   "MomentumSGDRule",
+  "MomentumSGDState",
   "ReversibilityError",
-  "ReversibleSGDState",
+  "ReversibleRule",
+  "ReversibleState",
   "ReversibleTransformation",
-  "StateLayout",
-  "reversible_sgd",
+  "StepFlags",
   "check",
-  "train",
-  "train_module",
   "fingerprint",
   "isolated",
+  "momentum_above",
+  "reversible_optimizer",
+  "reversible_sgd",
+  "train",
+  "train_module",
 ]

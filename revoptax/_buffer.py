@@ -292,7 +292,7 @@ def spill(buf: BufferState, head, step):
   stack = lax.dynamic_update_index_in_dim(buf.stack, jnp.where(spilled, row, old_row), idx, 0)
   old_step = lax.dynamic_index_in_dim(buf.row_step, idx, 0, keepdims=False)
   row_step = lax.dynamic_update_index_in_dim(
-    buf.row_step, jnp.where(spilled, step.astype(I32), old_step), idx, 0
+    buf.row_step, jnp.where(spilled, jnp.asarray(step, I32), old_step), idx, 0
   )
   head_hi, head_lo = _head_words(head)
   new_buf = BufferState(head_hi, head_lo, stack, row_step, buf.size + spilled.astype(I32))

@@ -42,6 +42,10 @@ MESSAGES = {
   "learning_rate": (
     "learning_rate of leaf {leaf} at step {step} is not positive or not finite. {learning_rate_fix}"
   ),
+  "momentum_floor": (
+    "momentum of leaf {leaf} at step {step} is below the momentum floor the information "
+    "buffer was sized for, so the buffer would run out. {floor_fix}"
+  ),
   "nonfinite": (
     "the training gradient of leaf {leaf} is not finite at step {step}. Check loss_fn for "
     "NaN/inf, lower the learning rate, or clip gradients inside loss_fn."
@@ -63,6 +67,15 @@ MESSAGES = {
     "param_log_capacity (entries per leaf; the default holds 1 in 32 element updates), or "
     "change the params only through the optimizer's updates."
   ),
+  "max_steps": (
+    "update of leaf {leaf} at step {step} is past max_steps: the buffer and the fingerprints "
+    "hold max_steps updates. Raise max_steps."
+  ),
+  "inverse_hyperparameters": (
+    "the hyperparameters of leaf {leaf} that inverse evaluates for step {step} differ from "
+    "those update used at that step: undo each update with the same transformation and "
+    "hyperparameters (the same schedules, the same injected values) that made it."
+  ),
   "drift": (
     "nondeterministic gradient detected: at step {step} the gradient of leaf {leaf} "
     "recomputed in the backward pass differs from the forward pass, so the reversal would "
@@ -76,6 +89,12 @@ MESSAGES = {
     "backward pass differs from the forward pass, so the reversal would give a wrong "
     "hypergradient. " + _NONDETERMINISM_CAUSES + ", or a loss whose compiled gradient depends "
     "on its surroundings."
+  ),
+  "hyper_drift": (
+    "the hyperparameter values recomputed at step {step} in the backward pass differ from the "
+    "ones the forward pass used, so the reversal would give a wrong hypergradient. Each "
+    "schedule must be a deterministic function of (hparams, t): no host state, no random "
+    "numbers drawn without a key, no values that change between the passes."
   ),
   "buffer_corrupt": (
     "the information buffer after undoing step {step} differs from the one the "
@@ -102,9 +121,14 @@ _FIXES = {
       "learning_rate=lambda hp, t: jnp.exp(hp['log_lr'][t])."
     ),
     "buffer_fix": (
-      "with traced (learned) momenta it is sized for momentum_floor, so a momentum below the "
-      "floor runs out: lower momentum_floor to the smallest momentum the schedule will use, "
-      "keep the schedule above it, or pass buffer_rows."
+      "with traced (learned) momenta it is sized for the rule's momentum_floor (0.5 unless "
+      "given): pass rule=revoptax.MomentumSGDRule(momentum_floor=...) with the smallest "
+      "momentum the schedule will use, or buffer_rows."
+    ),
+    "floor_fix": (
+      "Keep a learned momentum above the floor by construction, e.g. momentum=lambda hp, t: "
+      "revoptax.momentum_above(0.5, hp['momentum_logit']) with "
+      "rule=revoptax.MomentumSGDRule(momentum_floor=0.5), or lower momentum_floor."
     ),
   },
   "revoptax.reversible_sgd": {
@@ -113,6 +137,9 @@ _FIXES = {
     "buffer_fix": (
       "it holds max_steps steps at the momenta given (momentum_floor for schedules that cannot "
       "be evaluated ahead): raise max_steps if more updates are run, or lower momentum_floor."
+    ),
+    "floor_fix": (
+      "Lower momentum_floor to the smallest momentum the schedule or injected value will use."
     ),
   },
 }

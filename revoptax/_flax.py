@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import errors as flax_errors
 from flax import nnx
 
+from revoptax._sgd import MomentumSGDRule
 from revoptax._train import train
 
 API = "revoptax.train_module"
@@ -58,6 +59,13 @@ def _check_unchanged(before, after):
       raise _refusal(f"the module variable {jax.tree_util.keystr(path)}")
 
 
+def _on_hparams(fn):
+  """A schedule of the user's hparams as one of ``(hparams, streams, others)``."""
+  if not callable(fn):
+    return fn  # train reports it
+  return lambda hp, t: fn(hp[0], t)
+
+
 def train_module(
   loss_fn: Callable,
   model: nnx.Module,
@@ -65,10 +73,9 @@ def train_module(
   batches,
   *,
   num_steps: int,
-  learning_rate: Callable,
-  momentum: Callable,
   wrt: Any = nnx.Param,
   key=None,
+  rule=None,
   **options,
 ) -> nnx.Module:
   r"""Train the ``wrt`` variables of an NNX module with :func:`revoptax.train`.
@@ -90,19 +97,21 @@ def train_module(
       variables that are not trained (BatchNorm statistics: use inference
       mode), which raises ``ValueError``.
     model: the ``nnx.Module`` to train (not modified).
-    hparams, batches, num_steps, learning_rate, momentum: as for
-      :func:`revoptax.train`; a pytree learning rate or momentum is a prefix
-      of the trained variables as a pure dict (``nnx.to_pure_dict``), e.g.
-      ``{"l1": 0.1, "l2": 0.05}`` for one value per layer.
+    hparams, batches, num_steps, rule: as for :func:`revoptax.train`.
     wrt: the variables trained, an ``nnx`` filter (default ``nnx.Param``, as
       ``nnx.Optimizer``).
     key: PRNG key for the streams; default: the module's first stream key
       (so ``nnx.Rngs(dropout=seed)`` seeds them).
-    **options: the other options of :func:`revoptax.train`.
+    **options: the rule's hyperparameter schedules (``learning_rate``,
+      ``momentum`` for momentum SGD), each ``(hparams, t) -> value`` as for
+      :func:`revoptax.train`, where a pytree value is a prefix of the trained
+      variables as a pure dict (``nnx.to_pure_dict``), e.g. ``{"l1": 0.1,
+      "l2": 0.05}`` for one value per layer; and the other options of
+      :func:`revoptax.train`.
 
   Returns:
-    The trained module (``return_velocity=True``: ``(module, velocity)``, the
-    velocity as a pure dict).
+    The trained module (``return_state=True``: ``(module, state)``, the
+    optimizer state as pure dicts).
 
   Example:
     >>> import jax, jax.numpy as jnp, revoptax
@@ -149,18 +158,23 @@ def train_module(
     _check_unchanged(others, after)
     return value
 
+  rule = MomentumSGDRule() if rule is None else rule
+  schedules = {
+    name: _on_hparams(fn) for name, fn in options.items() if name in rule.hyperparameters
+  }
+  others = {name: v for name, v in options.items() if name not in rule.hyperparameters}
   out = train(
     inner_loss,
     nnx.to_pure_dict(trained),
     (hparams, rng_state, rest),
     batches,
     num_steps=num_steps,
-    learning_rate=lambda hp, t: learning_rate(hp[0], t),
-    momentum=lambda hp, t: momentum(hp[0], t),
+    rule=rule,
     key=key if has_streams else None,
-    **options,
+    **schedules,
+    **others,
   )
-  if options.get("return_velocity"):
-    params, velocity = out
-    return nnx.merge(graphdef, as_state(params), rng_state, rest), velocity
+  if options.get("return_state"):
+    params, state = out
+    return nnx.merge(graphdef, as_state(params), rng_state, rest), state
   return nnx.merge(graphdef, as_state(out), rng_state, rest)

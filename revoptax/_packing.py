@@ -1,13 +1,13 @@
 """Packing parameter leaves into groups that are updated as one exact state.
 
-Leaves with the same dtype and the same scalar learning-rate and momentum
-(per step) can share one exact state: their values are laid end to end in one
+Leaves with the same dtype and the same scalar hyperparameters (per step)
+can share one exact state: their values are laid end to end in one
 flat vector, so each exact operation is one loop over all of them instead of
 one per leaf.  A leaf with
 per-element hyperparameters is a group of its own and keeps its shape.
 
-Used by :func:`revoptax.train` (the loop state) and
-:func:`revoptax.reversible_sgd` (the Optax state).
+Used by :func:`revoptax.train` for its loop state (the Optax state keeps one
+array per leaf and quantity, see :mod:`revoptax._optax`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ class Group:
   leaves: tuple[int, ...]  # indices into the params leaves, in order
   shapes: tuple[tuple[int, ...], ...]
   flat: bool  # laid end to end and flattened; False: a single leaf in its shape
-  alpha: int  # index of the learning-rate spec among the distinct ones
-  gamma: int  # index of the momentum spec among the distinct ones
+  hyper: tuple[int, ...]  # per hyperparameter, the index of the group's value
   dtype: Any
   rows: int  # buffer rows
 
@@ -72,18 +71,17 @@ class Group:
 def group_leaves(
   leaves: Sequence[Any],
   packable: Sequence[bool],
-  alpha_of: Sequence[int],
-  gamma_of: Sequence[int],
+  hyper_of: Sequence[tuple[int, ...]],
   rows: Sequence[int],
 ) -> tuple[Group, ...]:
   """Groups of ``leaves``: packable leaves with equal dtype, specs and rows share one.
 
   Args:
     leaves: the params leaves (arrays or shape/dtype structs).
-    packable: per leaf, whether its learning rate and momentum are scalars per
-      step (so it can be flattened together with others).
-    alpha_of, gamma_of: per leaf, the index of its learning-rate / momentum
-      spec among the distinct ones.
+    packable: per leaf, whether its hyperparameters are scalars per step (so
+      it can be flattened together with others).
+    hyper_of: per leaf, per hyperparameter, the index of the leaf's value
+      among the distinct ones.
     rows: per leaf, its buffer rows.
 
   Returns:
@@ -92,7 +90,7 @@ def group_leaves(
   members: dict[Hashable, list[int]] = {}
   for i, leaf in enumerate(leaves):
     if packable[i]:
-      key = (_dtype(leaf).name, alpha_of[i], gamma_of[i], rows[i])
+      key = (_dtype(leaf).name, hyper_of[i], rows[i])
     else:
       key = ("alone", i)
     members.setdefault(key, []).append(i)
@@ -101,8 +99,7 @@ def group_leaves(
       leaves=tuple(group),
       shapes=tuple(tuple(np.shape(leaves[i])) for i in group),
       flat=key[0] != "alone",
-      alpha=alpha_of[group[0]],
-      gamma=gamma_of[group[0]],
+      hyper=tuple(hyper_of[group[0]]),
       dtype=_dtype(leaves[group[0]]),
       rows=rows[group[0]],
     )

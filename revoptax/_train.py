@@ -1,20 +1,24 @@
 """``revoptax.train``: a training run whose VJP runs training backwards exactly.
 
-Forward: ``num_steps`` exact momentum-SGD steps (see :mod:`revoptax._sgd`),
-keeping only the final exact state, the information buffer and two 32-bit
-fingerprints per step (of the gradient and of the buffer heads, all leaves).
-Backward (Maclaurin et al. 2015, Algorithm 2), for ``t = T-1 .. 0``::
+Forward: ``num_steps`` exact steps of a :class:`revoptax.ReversibleRule`,
+keeping only the final exact state, the information buffer and three 32-bit
+fingerprints per step (of the gradient, of the buffer heads after the step,
+and of the hyperparameter values the step used).  Each hyperparameter is
+evaluated at step ``t`` inside the loop.  Backward, for ``t = T-1 .. 0``
+(Maclaurin et al. 2015, Algorithm 2, for any rule)::
 
-    w_t  = w_{t+1} - Q(alpha_t F(v_{t+1}))                 exact
-    g_t, hvp = jax.vjp(grad_w L, F(w_t), hparams, batch_t)  recomputed gradient
-    v_t  = (v_{t+1} + Q((1 - gamma_t) g_t)) / gamma_t       exact, pops the buffer
-    (dw, dv, dg, dalpha_t, dgamma_t) = vjp of the float step at (w_t, v_t, g_t)
-    (dw, dhparams, dbatch_t) += hvp(dg)
+    g_t, hvp  = jax.vjp(grad_w L, w_t, hparams, batch_t)     recomputed gradient
+    state_t   = undo_state(state_{t+1} with w_t, g_t, h_t)    exact
+    (d_state, d_g, d_h_t) = vjp of the float step at (state_t, g_t, h_t)
+    d_hparams += vjp of h_t = schedule(hparams, t), at d_h_t
+    (d_w, d_hparams, d_batch_t) += hvp(d_g)
+    w_{t-1}   = undo_params(state_t, h_{t-1})                 exact
 
-which is Algorithm 2 written as the vector-Jacobian product of one float step,
-so that other reversible optimizers reuse the same loop.  Memory does not grow
-with ``T`` apart from the buffer (``log2(1/gamma)`` bits per parameter per
-step), the fingerprints and the ``[T]`` schedules.
+so nothing of shape ``[T, ...]`` is kept beyond the buffer (``rule``'s bits
+per parameter per step) and the fingerprints.  Leaves with the same dtype and
+scalar hyperparameters are packed into one exact state (see
+:mod:`revoptax._packing`).  The loop is compiled once per static
+configuration (:mod:`revoptax._static`), also when called outside ``jit``.
 """
 
 from __future__ import annotations
@@ -32,52 +36,43 @@ from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from revoptax import _buffer as buffer_lib
-from revoptax import _errors
+from revoptax import _errors, _hyper, _reverse
 from revoptax._determinism import fingerprint_all, isolated
-from revoptax._fixed_point import FixedPointFormat, _compute_dtype
+from revoptax._fixed_point import _compute_dtype
 from revoptax._fusion import materialize
 from revoptax._packing import Group, group_leaves, unpack_groups
-from revoptax._sgd import (
-  MomentumSGDRule,
-  leaf_names,
-  per_leaf,
-  validate_learning_rate,
-  validate_momentum,
-)
-from revoptax._sgd import buffer_rows as _rows_for
+from revoptax._rule import ReversibleRule
+from revoptax._sgd import MomentumSGDRule
+from revoptax._static import FunctionKey
 
 API = "revoptax.train"
+_ELEMENT_CHECKS = ("nonfinite", "range", "buffer")
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
-  """Static (hashable) description of one training run."""
+  """Static description of one training run, hashed by value (one compile per value)."""
 
-  loss_fn: Callable
-  rule: MomentumSGDRule
+  loss_fn: FunctionKey
+  rule: Any
+  schedules: _hyper.Schedules
+  learned: tuple[bool, ...]  # per hyperparameter: traced, so checked against the rule's floor
+  hyper_checks: tuple[str, ...]  # the categories of rule.checks
   num_steps: int
   num_batches: int
   groups: tuple[Group, ...]
   params_treedef: Any
   leaf_names: tuple[str, ...]
-  hparams_int: Any  # (treedef, mask) split of hparams into float / other leaves
-  batches_int: Any
+  hparams_split: Any  # (treedef, is_float) of hparams' leaves
+  batches_split: Any
   with_key: bool
-  return_velocity: bool
   check_drift: bool
   on_drift: str
   unroll: int
 
-  def __hash__(self):
-    return id(self)
-
-  def __eq__(self, other):
-    return self is other
-
-
-def _unpack_all(config, xs) -> list:
-  """Leaves in params order from one value per group."""
-  return unpack_groups(config.groups, xs, len(config.leaf_names))
+  @property
+  def learned_map(self) -> dict[str, bool]:
+    return dict(zip(self.schedules.names, self.learned))
 
 
 def train(
@@ -87,22 +82,18 @@ def train(
   batches,
   *,
   num_steps: int,
-  learning_rate: Callable,
-  momentum: Callable,
+  rule: ReversibleRule | None = None,
   key=None,
-  radix_bits: int = 46,
-  int_bits: int = 16,
-  momentum_bits: int = 16,
-  momentum_floor: float | None = None,
   buffer_rows: int | None = None,
-  return_velocity: bool = False,
+  return_state: bool = False,
   check_drift: bool = True,
   on_drift: str = "raise",
   unroll: int = 1,
+  **hyperparameters: Callable,
 ):
-  r"""Train with exactly reversible momentum SGD; differentiable by reversal.
+  r"""Train with an exactly reversible rule; differentiable by reversal.
 
-  Runs, for ``t = 0 .. num_steps - 1``,
+  Runs ``num_steps`` steps of ``rule`` (momentum SGD by default),
 
   .. math::
 
@@ -113,8 +104,6 @@ def train(
   exactly (64-bit fixed point, information buffer) and returns the final
   params.  ``jax.grad`` through this function runs training backwards
   (Algorithm 2 of Maclaurin et al. 2015) instead of storing the trajectory.
-  Leaves with the same dtype and scalar (per-step) schedules are trained as
-  one flat exact state, which changes no value (only how XLA loops over them).
 
   Args:
     loss_fn: ``loss_fn(params, hparams, batch) -> scalar`` (with ``key`` given:
@@ -126,30 +115,36 @@ def train(
       slice ``t % B``.  Differentiable where float (data distillation);
       integer leaves (labels) get no gradient.
     num_steps: ``T``, a positive int.
-    learning_rate: ``(hparams, t) -> alpha_t``: a scalar or a pytree matching
-      ``params`` (per-leaf values, each broadcastable to its leaf).
-    momentum: ``(hparams, t) -> gamma_t`` in (0, 1), same forms.  Quantized to
-      ``n / 2**momentum_bits`` (the straight-through gradient is returned).
+    rule: the :class:`revoptax.ReversibleRule` (default
+      ``revoptax.MomentumSGDRule()``: hyperparameters ``learning_rate`` and
+      ``momentum``), with its fixed-point format and options.
     key: optional PRNG key; step ``t`` passes ``jax.random.fold_in(key, t)`` to
       ``loss_fn`` so dropout and augmentation replay exactly backwards.
-    radix_bits, int_bits: fixed-point format (resolution ``2**-radix_bits``,
-      range ``|w|, |v| < 2**int_bits``).
-    momentum_bits: precision of the momentum (8 to 16).
-    momentum_floor: smallest momentum the schedule will use; sets the buffer
-      capacity when the momenta are traced (default: exact when concrete,
-      else 0.5).  Exceeding the capacity raises an error.
     buffer_rows: explicit buffer rows (32 bits per parameter each), overriding
       the capacity rule.
-    return_velocity: also return the final velocity ``v_T``.
-    check_drift: compare 32-bit fingerprints of each step's gradient and of
-      the buffer heads after it between the forward and the backward pass, and
-      check that the reversal ends at the initial state.
+    return_state: also return the final optimizer state in floats, a dict
+      ``{name: params-shaped tree}`` over ``rule.state_names`` (differentiable).
+    check_drift: compare 32-bit fingerprints of each step's gradient, buffer
+      heads and hyperparameter values between the forward and the backward
+      pass, and check that the reversal ends at the initial state.
     on_drift: ``"raise"`` (default) or ``"nan"`` (warn and return NaN
       hypergradients).
     unroll: ``lax.scan`` unroll factor.
+    **hyperparameters: one function ``(hparams, t) -> value`` per name in
+      ``rule.hyperparameters``, evaluated at each step ``t`` (a traced int32)
+      inside the loop.  A value is a scalar, an array broadcastable to every
+      leaf, or a pytree that is a prefix of ``params`` (per layer or per
+      leaf).  For momentum SGD, ``learning_rate`` (``alpha > 0``) and
+      ``momentum`` (``gamma`` in (0, 1), quantized to ``n / 2**momentum_bits``;
+      the straight-through gradient is returned).
 
   Returns:
-    The final params (and final velocity if ``return_velocity``).
+    The final params (and the final optimizer state if ``return_state``).
+
+  Raises:
+    ValueError, TypeError: bad input, before the run.
+    revoptax.ReversibilityError: a check failed (outside ``jit``; under
+      ``jit``, and in the backward pass, a runtime error with its message).
 
   Example:
     >>> import jax, jax.numpy as jnp, revoptax
@@ -168,20 +163,12 @@ def train(
     Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter Optimization
     through Reversible Learning", ICML 2015, https://arxiv.org/abs/1502.03492
   """
-  if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps <= 0:
-    raise ValueError(f"{API}: num_steps must be a positive int, got {num_steps!r}.")
-  if on_drift not in ("raise", "nan"):
-    raise ValueError(f"{API}: on_drift must be 'raise' or 'nan', got {on_drift!r}.")
-  if not callable(learning_rate) or not callable(momentum):
-    raise TypeError(
-      f"{API}: learning_rate and momentum must be callables (hparams, t) -> value; "
-      "for a constant use e.g. learning_rate=lambda hp, t: 0.1."
-    )
-  rule = MomentumSGDRule(FixedPointFormat(radix_bits, int_bits), momentum_bits)
+  rule = MomentumSGDRule() if rule is None else rule
+  _check_options(rule, num_steps, on_drift, hyperparameters)
   leaves, treedef = jax.tree.flatten(params)
   if not leaves:
     raise ValueError(f"{API}: params has no leaves.")
-  names = tuple(leaf_names(params))
+  names = tuple(_hyper.leaf_names(params))
   for leaf, name in zip(leaves, names):
     if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
       raise TypeError(
@@ -189,58 +176,85 @@ def train(
         "float arrays (integers and other state belong in hparams or batches)."
       )
   num_batches = _leading_axis(batches)
-
-  ts = jnp.arange(num_steps)
-  alphas = _schedule(learning_rate, hparams, ts, params, "learning_rate")
-  gammas = _schedule(momentum, hparams, ts, params, "momentum")
-  if not any(isinstance(a, jax.core.Tracer) for a in alphas):
-    for a in alphas:
-      validate_learning_rate(np.asarray(a), API)
-  concrete_gammas = [None if isinstance(g, jax.core.Tracer) else np.asarray(g) for g in gammas]
-  for g in concrete_gammas:
-    validate_momentum(g, API)
-  if buffer_rows is not None:
-    rows = (int(buffer_rows),) * len(leaves)
-  else:
-    rows = tuple(_rows_for(rule, g, num_steps, momentum_floor) for g in concrete_gammas)
-
   _check_no_closure(loss_fn, params, hparams, batches, key)
+  for name, fn in hyperparameters.items():
+    _check_schedule_closure(name, fn, hparams)
+
+  schedules = _hyper.train_schedules(hyperparameters, rule.hyperparameters, hparams, params, API)
+  hyper_of = [tuple(index[i] for index in schedules.index) for i in range(len(leaves))]
+  combos = sorted(set(hyper_of))
+  per_steps = {
+    name: (lambda ts, name=name: jax.vmap(lambda t: schedules.at_name(name, hparams, t))(ts))
+    for name in schedules.names
+  }
+  combo_rows, learned = _hyper.plan(
+    rule, per_steps, [dict(zip(schedules.names, c)) for c in combos], num_steps, API
+  )
+  if buffer_rows is not None:
+    rows = [int(buffer_rows)] * len(leaves)
+  else:
+    rows = [combo_rows[combos.index(h)] for h in hyper_of]
+
   h_float, h_other, h_split = _split(hparams)
   b_float, b_other, b_split = _split(batches)
-  # A schedule shared by several leaves is passed (and its cotangent returned) once.
-  alphas, alpha_of = _unique(alphas)
-  gammas, gamma_of = _unique(gammas)
+  learned = tuple(learned[n] for n in schedules.names)
+  probe = {n: jnp.float32(0.5) for n in schedules.names}
+  hyper_checks = tuple(
+    jax.eval_shape(lambda: rule.checks(probe, dict(zip(schedules.names, learned))))
+  )
   config = _Config(
-    loss_fn=loss_fn,
+    loss_fn=FunctionKey(loss_fn),
     rule=rule,
-    num_steps=num_steps,
+    schedules=schedules,
+    learned=learned,
+    hyper_checks=hyper_checks,
+    num_steps=int(num_steps),
     num_batches=num_batches,
     groups=group_leaves(
-      leaves,
-      [alphas[a].ndim == 1 and gammas[m].ndim == 1 for a, m in zip(alpha_of, gamma_of)],
-      alpha_of,
-      gamma_of,
-      rows,
+      leaves, [schedules.is_scalar(i) for i in range(len(leaves))], hyper_of, rows
     ),
     params_treedef=treedef,
     leaf_names=names,
-    hparams_int=h_split,
-    batches_int=b_split,
+    hparams_split=h_split,
+    batches_split=b_split,
     with_key=key is not None,
-    return_velocity=return_velocity,
     check_drift=check_drift,
     on_drift=on_drift,
     unroll=unroll,
   )
-  w_T, v_T = _run(config, leaves, alphas, gammas, h_float, b_float, h_other, b_other, key)
+  w_T, state_T, fails = _run_compiled(config, leaves, h_float, b_float, h_other, b_other, key)
+  _errors.raise_on_failure(fails, names, API)
   w_T = jax.tree.unflatten(treedef, w_T)
-  if return_velocity:
-    return w_T, jax.tree.unflatten(treedef, v_T)
+  if return_state:
+    return w_T, {n: jax.tree.unflatten(treedef, s) for n, s in zip(rule.state_names, state_T)}
   return w_T
 
 
 # ----------------------------------------------------------------------------
 # Input handling.
+
+
+def _check_options(rule, num_steps, on_drift, hyperparameters):
+  if not isinstance(rule, ReversibleRule):
+    raise TypeError(f"{API}: rule must implement revoptax.ReversibleRule, got {rule!r}.")
+  if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps <= 0:
+    raise ValueError(f"{API}: num_steps must be a positive int, got {num_steps!r}.")
+  if on_drift not in ("raise", "nan"):
+    raise ValueError(f"{API}: on_drift must be 'raise' or 'nan', got {on_drift!r}.")
+  expected = tuple(rule.hyperparameters)
+  missing = [n for n in expected if n not in hyperparameters]
+  unknown = [n for n in hyperparameters if n not in expected]
+  if missing or unknown:
+    raise TypeError(
+      f"{API}: {type(rule).__name__} takes the hyperparameters {', '.join(expected)}, each a "
+      f"function (hparams, t) -> value; missing: {missing or 'none'}, unknown: {unknown or 'none'}."
+    )
+  for name, fn in hyperparameters.items():
+    if not callable(fn):
+      raise TypeError(
+        f"{API}: {name} must be a callable (hparams, t) -> value, got {fn!r}; "
+        f"for a constant write {name}=lambda hp, t: {fn!r}."
+      )
 
 
 def _leading_axis(batches) -> int:
@@ -262,52 +276,6 @@ def _leading_axis(batches) -> int:
   return sizes.pop()
 
 
-def _schedule(fn, hparams, ts, params, what):
-  """Per-leaf ``[T, ...]`` schedule arrays from ``fn(hparams, t)``."""
-  values = jax.vmap(lambda t: fn(hparams, t))(ts)
-  try:
-    # A schedule value may be a prefix of params (one value per layer).
-    values = per_leaf(values, params)
-  except ValueError as e:
-    raise ValueError(
-      f"{API}: {what}(hparams, t) must return a scalar or a pytree matching params; {e}"
-    ) from None
-  out, converted = [], {}  # a value shared by several leaves is converted once (kept shared)
-  for v, p, name in zip(values, jax.tree.leaves(params), leaf_names(params)):
-    if id(v) not in converted:
-      x = jnp.asarray(v)
-      if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
-      converted[id(v)] = (v, x)  # v kept alive so its id is not reused
-    v = converted[id(v)][1]
-    try:
-      np.broadcast_shapes(v.shape[1:], np.shape(p))
-    except ValueError:
-      raise ValueError(
-        f"{API}: {what}(hparams, t) for leaf {name} has shape {v.shape[1:]}, which does not "
-        f"broadcast to the leaf's shape {np.shape(p)}."
-      ) from None
-    if v.ndim - 1 > np.ndim(p):
-      raise ValueError(
-        f"{API}: {what}(hparams, t) for leaf {name} has shape {v.shape[1:]}, more dims than "
-        f"the leaf {np.shape(p)}."
-      )
-    out.append(v)
-  return out
-
-
-def _unique(values):
-  """Distinct arrays of ``values`` (by identity) and each value's index among them."""
-  distinct, index = [], []
-  for v in values:
-    j = next((j for j, d in enumerate(distinct) if d is v), None)
-    if j is None:
-      j = len(distinct)
-      distinct.append(v)
-    index.append(j)
-  return distinct, tuple(index)
-
-
 def _split(tree):
   """Split a pytree into float leaves (differentiable) and the others."""
   leaves, treedef = jax.tree.flatten(tree)
@@ -323,14 +291,18 @@ def _merge(floats, others, split):
   return treedef.unflatten([next(fi) if f else next(oi) for f in is_float])
 
 
+def _closes_over_tracer(fn, *args) -> bool:
+  try:
+    _, consts = jax.closure_convert(fn, *args)
+  except Exception:
+    return False  # let the real call report problems with fn itself
+  return any(isinstance(c, jax.core.Tracer) for c in consts)
+
+
 def _check_no_closure(loss_fn, params, hparams, batches, key):
   batch0 = jax.tree.map(lambda x: x[0], batches)
   args = (params, hparams, batch0) + (() if key is None else (key,))
-  try:
-    _, consts = jax.closure_convert(loss_fn, *args)
-  except Exception:
-    return  # let the real call report problems with loss_fn itself
-  if any(isinstance(c, jax.core.Tracer) for c in consts):
+  if _closes_over_tracer(loss_fn, *args):
     raise ValueError(
       f"{API}: loss_fn closes over a traced value (for example a hyperparameter being "
       "differentiated, or an array under jit/vmap). Gradients cannot flow through "
@@ -340,14 +312,23 @@ def _check_no_closure(loss_fn, params, hparams, batches, key):
     )
 
 
+def _check_schedule_closure(name, fn, hparams):
+  if _closes_over_tracer(fn, hparams, jnp.zeros((), jnp.int32)):
+    raise ValueError(
+      f"{API}: {name} closes over a traced value; it is evaluated at every step inside the "
+      "reversed loop, where gradients reach only what it reads from hparams: pass the value "
+      f"through hparams, e.g. {name}=lambda hp, t: jnp.exp(hp['log_{name}'])."
+    )
+
+
 # ----------------------------------------------------------------------------
-# The custom VJP.
+# The loop pieces shared by both passes.
 
 
 def _grad_fn(config: _Config, h_other, b_other):
   def grad(params, h_float, batch_float, batch_other, key):
-    hparams = _merge(h_float, h_other, config.hparams_int)
-    batch = _merge(batch_float, batch_other, config.batches_int)
+    hparams = _merge(h_float, h_other, config.hparams_split)
+    batch = _merge(batch_float, batch_other, config.batches_split)
     p = jax.tree.unflatten(config.params_treedef, params)
     args = (p, hparams, batch) + ((key,) if config.with_key else ())
     return jax.tree.leaves(isolated(jax.grad(config.loss_fn))(*args))
@@ -355,106 +336,38 @@ def _grad_fn(config: _Config, h_other, b_other):
   return grad
 
 
+def _hyper_fn(config: _Config, h_other):
+  """``(h_float, t) -> values``: every hyperparameter's distinct values at step t."""
+  return lambda h_float, t: config.schedules.at(_merge(h_float, h_other, config.hparams_split), t)
+
+
+def _group_hp(config: _Config, values, group: Group) -> dict:
+  return config.schedules.group_values(values, group.hyper)
+
+
+def _values_print(values) -> jax.Array:
+  return fingerprint_all(jax.tree.leaves(values))
+
+
 def _slice(leaves, index):
   return [lax.dynamic_index_in_dim(x, index, 0, keepdims=False) for x in leaves]
+
+
+def _batch(config: _Config, b_float, b_other, t):
+  b_t = t % config.num_batches
+  return b_t, _slice(b_float, b_t), _slice(b_other, b_t)
 
 
 def _step_key(config, key, t):
   return jax.random.fold_in(key, t) if config.with_key else None
 
 
-def _first_bad_step(bad):
-  """First step (leading axis) where any element of ``bad`` is set, else -1."""
-  bad_t = bad.reshape(bad.shape[0], -1).any(axis=1)
-  return jnp.where(jnp.any(bad_t), jnp.argmax(bad_t), -1)
+def _unpack_all(config, xs) -> list:
+  """Leaves in params order from one value per group."""
+  return unpack_groups(config.groups, xs, len(config.leaf_names))
 
 
-def _first_failures(config: _Config, alphas, gammas, init_ok, first_bad, buffer_step):
-  """Per-leaf first failing step of each check, from the loop's per-element codes.
-
-  ``first_bad`` (per group, per element) is ``-1`` or ``2 t + 1`` for a
-  non-finite gradient first seen at step ``t``, ``2 t`` for a fixed-point
-  overflow; reduced once after the loop instead of every step.  Learning
-  rates and momenta are checked on device from their ``[T, ...]`` values, so
-  traced (learned) ones are checked too; the categories are in the order they
-  are reported (a bad momentum before the overflow it causes).
-  """
-  num_leaves = len(config.leaf_names)
-  kinds = ("momentum", "learning_rate", "nonfinite", "range", "buffer")
-  fails = {k: [None] * num_leaves for k in kinds}
-  bad_momentum = [_first_bad_step(~((m > 0) & (m < 1))) for m in gammas]
-  bad_rate = [_first_bad_step(~(jnp.isfinite(a) & (a > 0))) for a in alphas]
-  big = jnp.iinfo(jnp.int32).max
-
-  def first(codes, kind):
-    hit = (codes >= 0) & ((codes & 1) == kind)
-    step = jnp.min(jnp.where(hit, codes >> 1, big))
-    return jnp.where(step == big, -1, step)
-
-  for group, codes, buffer_t in zip(config.groups, first_bad, buffer_step):
-    for i, leaf_codes in zip(group.leaves, group.unpack(codes)):
-      fails["momentum"][i] = bad_momentum[group.gamma]
-      fails["learning_rate"][i] = bad_rate[group.alpha]
-      fails["nonfinite"][i] = first(leaf_codes, 1)
-      fails["range"][i] = jnp.where(init_ok[i], first(leaf_codes, 0), 0)
-      fails["buffer"][i] = buffer_t
-  return {k: jnp.stack(v).astype(jnp.int32) for k, v in fails.items()}
-
-
-def _forward(config: _Config, params, alphas, gammas, h_float, b_float, h_other, b_other, key):
-  rule = config.rule
-  grad = _grad_fn(config, h_other, b_other)
-  exact, oks = zip(*(rule.init_leaf(group.pack(params), group.rows) for group in config.groups))
-  exact = list(exact)
-  init_ok = [jnp.all(ok) for ok in _unpack_all(config, oks)]
-  first_bad = [jnp.full(leaf.w.lo.shape, -1, jnp.int32) for leaf in exact]
-  buffer_step = [jnp.full((), -1, jnp.int32) for _ in exact]
-
-  # The params each gradient sees are carried from the previous iteration in
-  # both passes: a loop-carried buffer, never fused with the step's arithmetic,
-  # so XLA compiles the gradient the same way forward and backward (measured:
-  # fused in, a reduction inside the gradient changed its last bit).
-  def body(carry, t):
-    exact, p_t, first_bad, buffer_step = carry
-    b_t = t % config.num_batches
-    batch_f = _slice(b_float, b_t)
-    batch_o = _slice(b_other, b_t)
-    g = grad(p_t, h_float, batch_f, batch_o, _step_key(config, key, t))
-    g = [group.pack(g) for group in config.groups]
-    new_exact, new_bad, new_buffer = [], [], []
-    for group, leaf, g_i, bad, buf_t in zip(config.groups, exact, g, first_bad, buffer_step):
-      leaf, flags = rule.step_leaf(leaf, g_i, alphas[group.alpha][t], gammas[group.gamma][t], t)
-      code = (2 * t + flags["nonfinite"]).astype(jnp.int32)
-      hit = flags["nonfinite"] | flags["range"]
-      new_exact.append(leaf)
-      new_bad.append(jnp.where((bad < 0) & hit, code, bad).astype(jnp.int32))
-      new_buffer.append(jnp.where((buf_t < 0) & flags["buffer"], t, buf_t).astype(jnp.int32))
-    prints = None
-    if config.check_drift:
-      prints = jnp.stack([fingerprint_all(g), _heads_print(new_exact)])
-    return (new_exact, _params(config, new_exact), new_bad, new_buffer), prints
-
-  (exact, _, first_bad, buffer_step), prints = lax.scan(
-    body,
-    (exact, _params(config, exact), first_bad, buffer_step),
-    jnp.arange(config.num_steps),
-    unroll=config.unroll,
-  )
-  fails = _first_failures(config, alphas, gammas, init_ok, first_bad, buffer_step)
-  _errors.raise_on_failure(fails, config.leaf_names, API)
-  return exact, prints
-
-
-def _heads_print(exact) -> jax.Array:
-  """One 32-bit fingerprint of the low words of every buffer head of the exact state.
-
-  A lost or altered row, or a wrong symbol, changes them (the low word of an
-  un-spilled head is the row itself), so the high words need no fingerprint.
-  """
-  return fingerprint_all([leaf.buffer.head_lo for leaf in exact])
-
-
-def _params(config: _Config, exact) -> list:
+def _params(config: _Config, states) -> list:
   """The float params (leaves, params order) of the groups' exact weights.
 
   Each group's floats are materialized whole before being sliced into leaves
@@ -462,22 +375,117 @@ def _params(config: _Config, exact) -> list:
   by XLA:CPU as the whole group's work and split over its thread pool.
   """
   flat = []
-  for leaf, group in zip(exact, config.groups):
-    x = config.rule.params(leaf, group.dtype)
+  for state, group in zip(states, config.groups):
+    x = config.rule.params(state, group.dtype)
     flat.append(materialize(x) if len(group.leaves) > 1 else x)
   return _unpack_all(config, flat)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _run(config, params, alphas, gammas, h_float, b_float, h_other, b_other, key):
-  exact, _ = _forward(config, params, alphas, gammas, h_float, b_float, h_other, b_other, key)
-  return _outputs(config, exact)
+# ----------------------------------------------------------------------------
+# Forward.
 
 
-def _outputs(config, exact):
+def _first(codes, flag, t):
+  """``codes`` with step ``t`` recorded where ``flag`` is set for the first time."""
+  return jnp.where((codes < 0) & flag, t, codes).astype(jnp.int32)
+
+
+def _forward(config: _Config, params, h_float, b_float, h_other, b_other, key):
   rule = config.rule
-  v = [rule.fixed.to_float(e.v, g.dtype) for e, g in zip(exact, config.groups)]
-  return _params(config, exact), _unpack_all(config, v)
+  grad = _grad_fn(config, h_other, b_other)
+  hyper = _hyper_fn(config, h_other)
+  learned = config.learned_map
+  states, oks = zip(*(rule.init(g.pack(params), g.rows) for g in config.groups))
+  init_ok = [jnp.all(ok) for ok in _unpack_all(config, oks)]
+  # Per group: the first step of each hyperparameter check and of a full buffer;
+  # per element: 2 t + 1 for a non-finite gradient first seen at step t, 2 t for
+  # an overflow (reduced once after the loop, not every step).
+  scalar_codes = {c: [jnp.int32(-1)] * len(states) for c in config.hyper_checks + ("buffer",)}
+  element_codes = [jnp.full(s.buffer.head_lo.shape, -1, jnp.int32) for s in states]
+
+  # The params each gradient sees are carried from the previous iteration in
+  # both passes: a loop-carried buffer, never fused with the step's arithmetic,
+  # so XLA compiles the gradient the same way forward and backward (measured:
+  # fused in, a reduction inside the gradient changed its last bit).
+  def body(carry, t):
+    states, p_t, scalar_codes, element_codes = carry
+    _, batch_f, batch_o = _batch(config, b_float, b_other, t)
+    g = grad(p_t, h_float, batch_f, batch_o, _step_key(config, key, t))
+    g = [group.pack(g) for group in config.groups]
+    values = hyper(h_float, t)
+    new_states, new_scalar, new_element = [], {c: [] for c in scalar_codes}, []
+    for i, (group, state, g_i) in enumerate(zip(config.groups, states, g)):
+      hp = _group_hp(config, values, group)
+      state, flags = rule.step(state, g_i, hp, t)
+      checks = {**rule.checks(hp, learned), "buffer": flags.buffer}
+      for c in new_scalar:
+        new_scalar[c].append(_first(scalar_codes[c][i], checks[c], t))
+      code = (2 * t + flags.nonfinite).astype(jnp.int32)
+      bad = element_codes[i]
+      new_element.append(jnp.where((bad < 0) & (flags.nonfinite | flags.range), code, bad))
+      new_states.append(state)
+    prints = None
+    if config.check_drift:
+      prints = jnp.stack(
+        [fingerprint_all(g), _reverse.heads_print(new_states), _values_print(values)]
+      )
+    carry = (new_states, _params(config, new_states), new_scalar, new_element)
+    return carry, prints
+
+  init = (list(states), _params(config, states), scalar_codes, element_codes)
+  (states, _, scalar_codes, element_codes), prints = lax.scan(
+    body, init, jnp.arange(config.num_steps), unroll=config.unroll
+  )
+  return states, prints, _failures(config, init_ok, scalar_codes, element_codes)
+
+
+def _failures(config: _Config, init_ok, scalar_codes, element_codes) -> dict:
+  """Per check, ``int32[leaves]``: the first failing step of each leaf, or -1.
+
+  In the order they are reported: the hyperparameter checks (a bad value
+  before what it causes), then the gradient, the range and the buffer.
+  """
+  big = jnp.iinfo(jnp.int32).max
+
+  def first(codes, kind):
+    hit = (codes >= 0) & ((codes & 1) == kind)
+    step = jnp.min(jnp.where(hit, codes >> 1, big))
+    return jnp.where(step == big, -1, step)
+
+  num_leaves = len(config.leaf_names)
+  fails = {c: [None] * num_leaves for c in config.hyper_checks + _ELEMENT_CHECKS}
+  for g, group in enumerate(config.groups):
+    for i, codes in zip(group.leaves, group.unpack(element_codes[g])):
+      for c in config.hyper_checks + ("buffer",):
+        fails[c][i] = scalar_codes[c][g]
+      fails["nonfinite"][i] = first(codes, 1)
+      fails["range"][i] = jnp.where(init_ok[i], first(codes, 0), 0)
+  return {c: jnp.stack(v).astype(jnp.int32) for c, v in fails.items()}
+
+
+# ----------------------------------------------------------------------------
+# The custom VJP.
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _run(config, params, h_float, b_float, h_other, b_other, key):
+  states, _, fails = _forward(config, params, h_float, b_float, h_other, b_other, key)
+  return _outputs(config, states) + (fails,)
+
+
+_run_compiled = jax.jit(_run, static_argnums=(0,))
+
+
+def _outputs(config: _Config, states):
+  floats = [config.rule.float_state(s, g.dtype) for s, g in zip(states, config.groups)]
+  per_name = [
+    _unpack_all(config, [f[k] for f in floats]) for k in range(len(config.rule.state_names))
+  ]
+  return _params(config, states), per_name
+
+
+def _is_primal(x):
+  return isinstance(x, CustomVJPPrimal)
 
 
 def _run_fwd(config, *args):
@@ -487,16 +495,12 @@ def _run_fwd(config, *args):
   # a matmul and a read-modify-write of the data array per step).
   values = jax.tree.map(lambda x: x.value, args, is_leaf=_is_primal)
   perturbed = jax.tree.map(lambda x: x.perturbed, args, is_leaf=_is_primal)
-  params, alphas, gammas, h_float, b_float, h_other, b_other, key = values
-  exact, prints = _forward(config, params, alphas, gammas, h_float, b_float, h_other, b_other, key)
+  params, h_float, b_float, h_other, b_other, key = values
+  states, prints, fails = _forward(config, params, h_float, b_float, h_other, b_other, key)
   # Which cotangents are needed is static: encode it in the residuals' structure.
-  needs = tuple((None,) if any(jax.tree.leaves(perturbed[i])) else () for i in (3, 4))
-  residuals = (exact, prints, params, alphas, gammas, h_float, b_float, h_other, b_other, key)
-  return _outputs(config, exact), (residuals, needs)
-
-
-def _is_primal(x):
-  return isinstance(x, CustomVJPPrimal)
+  needs = tuple((None,) if any(jax.tree.leaves(perturbed[i])) else () for i in (1, 2))
+  residuals = (states, prints, params, h_float, b_float, h_other, b_other, key)
+  return _outputs(config, states) + (fails,), (residuals, needs)
 
 
 def _dense(cotangent, dtype):
@@ -505,43 +509,40 @@ def _dense(cotangent, dtype):
   return jnp.asarray(cotangent, dtype)
 
 
-def _run_bwd(config, saved, cotangents):
+def _run_bwd(config: _Config, saved, cotangents):
   residuals, (need_h, need_b) = saved
-  exact, prints, params0, alphas, gammas, h_float, b_float, h_other, b_other, key = residuals
+  states, prints, params0, h_float, b_float, h_other, b_other, key = residuals
   need_h, need_b = bool(need_h), bool(need_b)
-  rule = config.rule
-  groups = config.groups
+  rule, groups = config.rule, config.groups
   grad = _grad_fn(config, h_other, b_other)
-  d_w, d_v = cotangents
-  cds = [_compute_dtype(group.dtype) for group in groups]
-  d_w = [_dense(x, _compute_dtype(p.dtype)) for x, p in zip(d_w, params0)]
-  d_v = [_dense(x, _compute_dtype(p.dtype)) for x, p in zip(d_v, params0)]
-  if not config.return_velocity:
-    d_v = [jnp.zeros_like(x) for x in d_w]
-  d_w = [group.pack(d_w) for group in groups]
-  d_v = [group.pack(d_v) for group in groups]
+  hyper = _hyper_fn(config, h_other)
+  d_w, d_opt, _ = cotangents
+  d_w = [g.pack([_dense(x, _compute_dtype(p.dtype)) for x, p in zip(d_w, params0)]) for g in groups]
+  d_opt = tuple(
+    tuple(g.pack([_dense(x, _compute_dtype(p.dtype)) for x, p in zip(d, params0)]) for d in d_opt)
+    for g in groups
+  )
   d_h = [jnp.zeros_like(x) for x in h_float] if need_h else []
   d_b = [jnp.zeros_like(x) for x in b_float] if need_b else []
-  # First step (from the end) whose recomputed gradient differs, and whose
-  # undone buffer heads differ from the forward pass's before that step.
-  drift0 = jnp.full((2,), -1, jnp.int32)
-  fresh_heads = _heads_print(
-    [leaf._replace(buffer=buffer_lib.init(leaf.w.lo.shape, 0)) for leaf in exact]
+  # Per check, the first step (from the end) that failed: the hyperparameter
+  # values, the recomputed gradient, the undone buffer heads.
+  drift0 = jnp.full((3,), -1, jnp.int32)
+  fresh_heads = _reverse.heads_print(
+    [s._replace(buffer=buffer_lib.init(s.buffer.head_lo.shape, 0)) for s in states]
   )
 
-  def unstep_position(exact, t):
+  def undo_params(states, values):
     return [
-      rule.unstep_position_leaf(leaf, alphas[group.alpha][t], group.dtype)
-      for leaf, group in zip(exact, groups)
+      _reverse.undo_params(rule, s, _group_hp(config, values, g), g.dtype)
+      for s, g in zip(states, groups)
     ]
 
-  # Carry: the exact state with w already at step t, and the params p_t (see
-  # the forward pass on why the gradient's inputs are loop-carried).
+  # Carry: the exact state with w already at step t, the params p_t (see the
+  # forward pass on why they are loop-carried) and the values h_t used to undo
+  # w_{t+1} (each exact quantity is computed once per pass).
   def body(carry, t):
-    exact, p_t, d_w, d_v, d_h, d_b, drift = carry
-    b_t = t % config.num_batches
-    batch_f = _slice(b_float, b_t)
-    batch_o = _slice(b_other, b_t)
+    states, p_t, values, d_w, d_opt, d_h, d_b, drift = carry
+    b_t, batch_f, batch_o = _batch(config, b_float, b_other, t)
     key_t = _step_key(config, key, t)
     g, hvp = jax.vjp(
       lambda p, h, bf: grad(p, h if need_h else h_float, bf if need_b else batch_f, batch_o, key_t),
@@ -550,29 +551,35 @@ def _run_bwd(config, saved, cotangents):
       batch_f if need_b else [],
     )
     g = [group.pack(g) for group in groups]
-    exact = [
-      rule.unstep_velocity_leaf(leaf, g_i, gammas[group.gamma][t], t, clear_popped=False)
-      for leaf, g_i, group in zip(exact, g, groups)
+    states = [
+      _reverse.undo_state(rule, s, g_i, _group_hp(config, values, group), t)
+      for s, g_i, group in zip(states, g, groups)
     ]
     if config.check_drift:
       heads_before = jnp.where(t > 0, prints[jnp.maximum(t - 1, 0), 1], fresh_heads)
-      differs = jnp.stack([fingerprint_all(g) != prints[t, 0], _heads_print(exact) != heads_before])
+      differs = jnp.stack(
+        [
+          _values_print(values) != prints[t, 2],
+          fingerprint_all(g) != prints[t, 0],
+          _reverse.heads_print(states) != heads_before,
+        ]
+      )
       drift = jnp.where((drift < 0) & differs, t, drift).astype(jnp.int32)
-    new_d_w, new_d_v, d_g = [], [], []
-    d_alpha = [jnp.zeros_like(a[t]) for a in alphas]
-    d_gamma = [jnp.zeros_like(m[t]) for m in gammas]
-    for leaf, g_i, group, dw, dv, cd in zip(exact, g, groups, d_w, d_v, cds):
-      a, m = alphas[group.alpha][t], gammas[group.gamma][t]
-      w_f = rule.params(leaf, cd)  # unused by this rule's step VJP (removed by XLA)
-      v_f = rule.fixed.to_float(leaf.v, cd)
-      m_q = rule.applied_momentum(m, cd)
-      _, step_vjp = jax.vjp(rule.float_step, w_f, v_f, g_i.astype(cd), a.astype(cd), m_q)
-      dw_i, dv_i, dg_i, da_i, dm_i = step_vjp((dw, dv))
-      new_d_w.append(dw_i)
-      new_d_v.append(dv_i)
-      d_g.append(dg_i.astype(g_i.dtype))
-      d_alpha[group.alpha] = d_alpha[group.alpha] + da_i.astype(a.dtype)
-      d_gamma[group.gamma] = d_gamma[group.gamma] + dm_i.astype(m.dtype)
+    d_values = jax.tree.map(jnp.zeros_like, values)
+    new_d_w, new_d_opt, d_g = [], [], []
+    for s, g_i, group, dw, dopt in zip(states, g, groups, d_w, d_opt):
+      hp = _group_hp(config, values, group)
+      dw, dopt, dg, dhp = _reverse.step_vjp(rule, s, g_i, hp, (dw, dopt), group.dtype)
+      new_d_w.append(dw)
+      new_d_opt.append(tuple(dopt))
+      d_g.append(dg.astype(g_i.dtype))
+      for k, name in enumerate(config.schedules.names):
+        j = group.hyper[k]
+        d_values[k][j] = d_values[k][j] + jnp.reshape(dhp[name], d_values[k][j].shape)
+    if need_h:
+      _, hyper_vjp = jax.vjp(lambda h: hyper(h, t), h_float)
+      (dh_schedule,) = hyper_vjp(d_values)
+      d_h = [x + y for x, y in zip(d_h, dh_schedule)]
     dp_hvp, dh_hvp, db_hvp = hvp(_unpack_all(config, d_g))
     d_w = [x + group.pack(dp_hvp).astype(x.dtype) for x, group in zip(new_d_w, groups)]
     d_h = [x + y for x, y in zip(d_h, dh_hvp)]
@@ -580,79 +587,84 @@ def _run_bwd(config, saved, cotangents):
       lax.dynamic_update_index_in_dim(x, lax.dynamic_index_in_dim(x, b_t, 0, False) + y, b_t, 0)
       for x, y in zip(d_b, db_hvp)
     ]
-    # Undo the position update of step t - 1 (none after step 0).
-    earlier = unstep_position(exact, jnp.maximum(t - 1, 0))
-    exact = [
-      leaf._replace(w=jax.tree.map(lambda new, old: jnp.where(t > 0, new, old), e.w, leaf.w))
-      for leaf, e in zip(exact, earlier)
+    # Undo the weight update of step t - 1 (none before step 0).
+    earlier_values = hyper(h_float, jnp.maximum(t - 1, 0))
+    earlier = undo_params(states, earlier_values)
+    states = [
+      s._replace(w=jax.tree.map(lambda new, old: jnp.where(t > 0, new, old), e.w, s.w))
+      for s, e in zip(states, earlier)
     ]
-    return (exact, _params(config, exact), d_w, new_d_v, d_h, d_b, drift), (d_alpha, d_gamma)
+    carry = (
+      states,
+      _params(config, states),
+      earlier_values,
+      d_w,
+      tuple(new_d_opt),
+      d_h,
+      d_b,
+      drift,
+    )
+    return carry, None
 
-  exact = unstep_position(exact, config.num_steps - 1)
-  # reverse=True runs t = T-1, ..., 0 and stacks the per-step cotangents in
-  # step order (no reversed copy).
-  (exact, _, d_w, d_v, d_h, d_b, drift), (d_alphas, d_gammas) = lax.scan(
-    body,
-    (exact, _params(config, exact), d_w, d_v, d_h, d_b, drift0),
-    jnp.arange(config.num_steps),
-    reverse=True,
-    unroll=config.unroll,
+  last_values = hyper(h_float, config.num_steps - 1)
+  states = undo_params(states, last_values)
+  init = (states, _params(config, states), last_values, d_w, d_opt, d_h, d_b, drift0)
+  (states, _, _, d_w, _, d_h, d_b, drift), _ = lax.scan(
+    body, init, jnp.arange(config.num_steps), reverse=True, unroll=config.unroll
   )
-
-  codes = {}
-  if config.check_drift:
-    # The latest step (the first one undone) that failed names the cause; a
-    # changed gradient also changes the heads it is undone into, so at the
-    # same step the gradient is reported.
-    gradient_first = drift[0] >= drift[1]
-    codes["drift_step"] = jnp.where(gradient_first, drift[0], -1)[None]
-    codes["buffer_corrupt"] = jnp.where(gradient_first, -1, drift[1])[None]
-    initial = [None] * len(params0)
-    for leaf, group in zip(exact, groups):
-      w0, _ = rule.fixed.from_float(group.pack(params0))
-      fresh = buffer_lib.init(leaf.w.lo.shape, leaf.buffer.stack.shape[0])
-      same = (
-        jnp.all(leaf.w.hi == w0.hi)
-        & jnp.all(leaf.w.lo == w0.lo)
-        & jnp.all(leaf.v.hi == 0)
-        & jnp.all(leaf.v.lo == 0)
-        & jnp.all(leaf.buffer.head_hi == fresh.head_hi)
-        & jnp.all(leaf.buffer.head_lo == fresh.head_lo)
-        & (leaf.buffer.size == 0)
-      )
-      for i in group.leaves:
-        initial[i] = ~same
-    codes["initial"] = jnp.stack(initial)
-  failed = jnp.zeros((), bool)
-  if codes:
-    failed = jnp.any(drift >= 0) | jnp.any(codes["initial"])
-    if config.on_drift == "raise":
-      _errors.raise_on_failure(codes, config.leaf_names, API)
-    else:
-      _errors.raise_on_failure(
-        codes,
-        config.leaf_names,
-        API,
-        on_failure=lambda msg: warnings.warn(msg + " Returning NaN hypergradients.", stacklevel=2),
-      )
+  failed = _check_reversal(config, states, params0, drift)
 
   def poison(x):
-    if x is None:
-      return None
     return jnp.where(failed, jnp.full_like(x, jnp.nan), x)
 
   d_params = [poison(x.astype(p.dtype)) for x, p in zip(_unpack_all(config, d_w), params0)]
-  out = (
+  return (
     d_params,
-    [poison(x) for x in d_alphas],
-    [poison(x) for x in d_gammas],
     [poison(x) for x in d_h] if need_h else [None for _ in h_float],
     [poison(x) for x in d_b] if need_b else [None for _ in b_float],
     [None for _ in h_other],
     [None for _ in b_other],
     None,
   )
-  return out
+
+
+def _check_reversal(config: _Config, states, params0, drift) -> jax.Array:
+  """Report drift and a reversal that did not end at the initial state; whether either."""
+  if not config.check_drift:
+    return jnp.zeros((), bool)
+  # The latest step (the first one undone) that failed names the cause; at the
+  # same step, the hyperparameter values, then the gradient (a changed value
+  # also changes the gradient and the heads undone after it).
+  latest = jnp.max(drift)
+  first_kind = jnp.argmax(drift == latest)
+  codes = {
+    kind: jnp.where((first_kind == k) & (latest >= 0), latest, -1)[None]
+    for k, kind in enumerate(("hyper_drift", "drift_step", "buffer_corrupt"))
+  }
+  initial = [None] * len(params0)
+  for state, group in zip(states, config.groups):
+    fresh, _ = config.rule.init(group.pack(params0), state.buffer.stack.shape[0])
+    same = _same_start(state, fresh)
+    for i in group.leaves:
+      initial[i] = ~same
+  codes["initial"] = jnp.stack(initial)
+  failed = jnp.any(drift >= 0) | jnp.any(codes["initial"])
+  on_failure = None
+  if config.on_drift == "nan":
+    on_failure = lambda msg: warnings.warn(msg + " Returning NaN hypergradients.", stacklevel=2)
+  _errors.raise_on_failure(codes, config.leaf_names, API, on_failure=on_failure)
+  return failed
+
+
+def _same_start(state, fresh) -> jax.Array:
+  """Whether a reversed state equals the initial one (popped rows are free space)."""
+  same = jnp.asarray(state.buffer.size == 0)
+  for a, b in zip(
+    jax.tree.leaves(state._replace(buffer=None)), jax.tree.leaves(fresh._replace(buffer=None))
+  ):
+    same = same & jnp.all(a == b)
+  same = same & jnp.all(state.buffer.head_hi == fresh.buffer.head_hi)
+  return same & jnp.all(state.buffer.head_lo == fresh.buffer.head_lo)
 
 
 _run.defvjp(_run_fwd, _run_bwd, symbolic_zeros=True)

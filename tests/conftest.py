@@ -90,3 +90,15 @@ def words_equal(a, b) -> bool:
     and np.array_equal(bits_view(x), bits_view(y))
     for x, y in zip(la, lb)
   )
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiles_around_monkeypatch(request):
+  """revoptax.train reuses compiled loops across calls; a test that patches revoptax must
+  neither reuse loops compiled before the patch nor leave patched ones behind."""
+  patches = "monkeypatch" in request.fixturenames
+  if patches:
+    jax.clear_caches()
+  yield
+  if patches:
+    jax.clear_caches()

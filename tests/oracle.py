@@ -169,8 +169,14 @@ def meta_problem(dtype=jnp.float32, num_steps=60, batch_size=20, num_batches=6):
   return val_loss, hparams
 
 
-def revoptax_train_fn(**options):
-  """``train_fn`` running the library under test (``revoptax.train``)."""
+def revoptax_train_fn(fixed=None, momentum_floor=0.5, **options):
+  """``train_fn`` running the library under test (``revoptax.train``).
+
+  ``fixed``: a ``revoptax.FixedPointFormat`` (default: the library's);
+  ``momentum_floor``: the rule's, the smallest momentum the schedules use.
+  """
+  fmt = {} if fixed is None else {"fixed": fixed}
+  rule = revoptax.MomentumSGDRule(momentum_floor=momentum_floor, **fmt)
 
   def train(loss_fn, params, hp, batches, num_steps, learning_rate, momentum):
     return revoptax.train(
@@ -181,7 +187,7 @@ def revoptax_train_fn(**options):
       num_steps=num_steps,
       learning_rate=learning_rate,
       momentum=momentum,
-      momentum_floor=0.5,
+      rule=rule,
       **options,
     )
 

@@ -74,7 +74,7 @@ def train_vjp(gamma, num_steps, traced_momentum=False, momentum_floor=None):
       num_steps=num_steps,
       learning_rate=lambda hp, t: hp["lr"],
       momentum=momentum,
-      momentum_floor=momentum_floor,
+      rule=revoptax.MomentumSGDRule(momentum_floor=momentum_floor),
     )
 
   hp = {"lr": jnp.asarray(0.05), "momentum": jnp.asarray(gamma)}
@@ -119,8 +119,14 @@ def test_reversible_sgd_uses_and_allocates_log2_inverse_gamma(gamma):
 
   state = run(params)
   ideal = ideal_bits(gamma, num_steps)
-  for words, stack, size in zip(state.exact, state.stack, state.buffer_size):
-    used = used_bits(words[4], words[5], size)
+  buffer = state.exact.buffer
+  for hi, lo, stack, size in zip(
+    jax.tree.leaves(buffer.head_hi),
+    jax.tree.leaves(buffer.head_lo),
+    jax.tree.leaves(buffer.stack),
+    state.buffer_size,
+  ):
+    used = used_bits(hi, lo, size)
     assert ideal - 0.5 <= used <= 1.02 * ideal + USED_SLACK_BITS, (used, ideal)
     allocated = 32.0 * stack.shape[0] + 64.0
     assert allocated <= 1.02 * ideal + ALLOCATED_SLACK_BITS, (allocated, ideal)
@@ -157,7 +163,7 @@ def digits_val_loss(num_steps, gamma=0.9):
       num_steps=num_steps,
       learning_rate=lambda hp, t: jnp.exp(hp["log_lr"][t]),
       momentum=lambda hp, t: jax.nn.sigmoid(hp["logit_mom"][t]),
-      momentum_floor=gamma,
+      rule=revoptax.MomentumSGDRule(momentum_floor=gamma),
     )
     return cross_entropy(params, xv, yv)
 

@@ -23,23 +23,19 @@ def problem():
   return params, (xb, yb), (xv, yv)
 
 
-def hypergradient(hp, loss=None, **options):
+def hypergradient(hp, loss=None, momentum_floor=0.5, **options):
   """``jit(grad)`` of a validation loss through ``train`` with per-step schedules in ``hp``."""
   params, batches, (xv, yv) = problem()
   loss = loss or (lambda p, h, b: cross_entropy(p, *b))
-  options = {"momentum_floor": 0.5, **options}
+  options = {
+    "rule": revoptax.MomentumSGDRule(momentum_floor=momentum_floor),
+    "learning_rate": lambda h, t: h["lr"][t],
+    "momentum": lambda h, t: h["momentum"][t],
+    **options,
+  }
 
   def f(h):
-    trained = revoptax.train(
-      loss,
-      params,
-      h,
-      batches,
-      num_steps=NUM_STEPS,
-      learning_rate=lambda h, t: h["lr"][t],
-      momentum=lambda h, t: h["momentum"][t],
-      **options,
-    )
+    trained = revoptax.train(loss, params, h, batches, num_steps=NUM_STEPS, **options)
     return cross_entropy(trained, xv, yv)
 
   return jax.block_until_ready(jax.jit(jax.grad(f))(hp))
@@ -83,7 +79,13 @@ def test_reversible_sgd_checks_traced_learning_rate_and_momentum():
   grads = {"w": jnp.ones(3)}
 
   def step(lr, momentum, on_error):
-    tx = revoptax.reversible_sgd(lr, momentum, max_steps=10, momentum_floor=0.5, on_error=on_error)
+    tx = revoptax.reversible_sgd(
+      lr,
+      momentum,
+      max_steps=10,
+      rule=revoptax.MomentumSGDRule(momentum_floor=0.5),
+      on_error=on_error,
+    )
     return tx.update(grads, tx.init(params), params)
 
   run = jax.jit(step, static_argnums=2)
@@ -110,12 +112,32 @@ def test_a_bare_array_param_is_named_in_messages():
     tx.update(jnp.asarray([0.0, jnp.nan, 1.0]), state, jnp.ones(3))
 
 
-def test_buffer_capacity_message_names_train_options():
-  """Momenta that fall below momentum_floor run out of buffer; the fix names train's options."""
+def test_learned_momentum_below_the_floor_names_the_step_and_the_fix():
+  """A learned momentum that drifts below the rule's floor is reported at that step, with
+  the parametrization that keeps it above the floor, before the buffer runs out."""
   hp = schedules()
-  hp["momentum"] = jnp.full((NUM_STEPS,), 0.01)
+  hp["momentum"] = hp["momentum"].at[7].set(0.3)
+  with pytest.raises(Exception, match="at step 7 is below the momentum floor") as caught:
+    hypergradient(hp, momentum_floor=0.5)
+  message = str(caught.value)
+  assert "revoptax.momentum_above" in message and "MomentumSGDRule(momentum_floor" in message
+  assert "max_steps" not in message
+
+
+def test_momentum_above_keeps_a_learned_momentum_above_the_floor():
+  hp = schedules()
+  hp["momentum"] = jnp.full((NUM_STEPS,), -30.0)  # logits: sigmoid would give ~1e-13
+  above = lambda h, t: revoptax.momentum_above(0.5, h["momentum"][t])
+  grads = hypergradient(hp, momentum_floor=0.5, momentum=above)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_buffer_capacity_message_names_train_options():
+  """A buffer too small for the momenta runs out; the fix names train's options."""
+  hp = schedules()
+  hp["momentum"] = jnp.full((NUM_STEPS,), 0.02)  # 5.6 bits a step: a second row at step 10
   with pytest.raises(Exception, match="capacity exceeded") as caught:
-    hypergradient(hp, momentum_floor=0.999)
+    hypergradient(hp, momentum_floor=0.01, buffer_rows=1)
   message = str(caught.value)
   assert "momentum_floor" in message and "buffer_rows" in message
   assert "max_steps" not in message
@@ -140,7 +162,7 @@ def test_check_drift_false_turns_the_checks_off():
       return cross_entropy(trained, *problem()[2])
 
     _, vjp = jax.vjp(f, schedules())
-    fingerprints = [x for x in jax.tree.leaves(vjp) if x.shape == (NUM_STEPS, 2)]
+    fingerprints = [x for x in jax.tree.leaves(vjp) if x.shape == (NUM_STEPS, 3)]
     return fingerprints, vjp
 
   fingerprints, _ = run(True)
@@ -153,14 +175,14 @@ def test_check_drift_false_turns_the_checks_off():
 
 def corrupt_velocity_at_step_0(monkeypatch):
   """A fault the per-step checks cannot see: one unit added to v_0 after it is undone."""
-  original = MomentumSGDRule.unstep_velocity_leaf
+  original = MomentumSGDRule.unstep_state
 
-  def faulty(self, leaf, grad, gamma, t, clear_popped=True):
-    out = original(self, leaf, grad, gamma, t, clear_popped)
+  def faulty(self, state, grad, hp, t, clear_popped=False):
+    out = original(self, state, grad, hp, t, clear_popped)
     bumped = jnp.where(t == 0, out.v.lo + 1, out.v.lo).astype(out.v.lo.dtype)
     return out._replace(v=out.v._replace(lo=bumped))
 
-  monkeypatch.setattr(MomentumSGDRule, "unstep_velocity_leaf", faulty)
+  monkeypatch.setattr(MomentumSGDRule, "unstep_state", faulty)
 
 
 def test_reversal_not_ending_at_the_initial_state_is_reported(monkeypatch):
@@ -244,5 +266,5 @@ def test_default_param_log_holds_an_ordinary_optax_loop():
     return jax.lax.scan(step, (params, tx.init(params)), None, length=num_steps)[0]
 
   _, state = run(params)
-  logged = int(state.log_size[0])
-  assert 0.002 * 700 * num_steps < logged < state.log_value[0].shape[0] / 2
+  logged = int(state.log.size)
+  assert 0.002 * 700 * num_steps < logged < state.log.bits.shape[1] / 2

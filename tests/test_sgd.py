@@ -9,8 +9,7 @@ from conftest import cross_entropy, init_mlp, words_equal
 from oracle import assert_tree_close, quantized_momentum
 
 import revoptax
-from revoptax._packing import unpack_groups
-from revoptax._sgd import _unpack
+from revoptax._optax import _unpack
 
 
 def mixed_params():
@@ -83,7 +82,9 @@ SCHEDULES = {
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_round_trip_mixed_pytree_is_bit_exact(schedule):
   lr, mom = SCHEDULES[schedule]
-  tx = revoptax.reversible_sgd(lr, mom, max_steps=1000, momentum_floor=0.05)
+  tx = revoptax.reversible_sgd(
+    lr, mom, max_steps=1000, rule=revoptax.MomentumSGDRule(momentum_floor=0.05)
+  )
   params = mixed_params()
   grad_at = jax.grad(mixed_loss)
   state0, (p_end, s_end), (p_back, s_back) = train_then_reverse(tx, params, grad_at, 1000)
@@ -138,9 +139,7 @@ def test_params_equal_exact_weights_rounded_or_are_logged():
   rule = revoptax.MomentumSGDRule()
 
   def mismatches(state, params):
-    layout, exact, _, _ = _unpack(state)
-    weights = [rule.fixed.to_float(leaf.w) for leaf in exact]
-    weights = unpack_groups(layout.groups, weights, len(layout.names))
+    weights = [rule.params(leaf, jnp.float32) for leaf in _unpack(state)]
     return sum(jnp.sum(w != value) for w, value in zip(weights, jax.tree.leaves(params)))
 
   @jax.jit
@@ -154,51 +153,114 @@ def test_params_equal_exact_weights_rounded_or_are_logged():
     return jax.lax.scan(step, (params, tx.init(params)), None, length=num_steps)
 
   (_, state), counts = run(params)
-  logged = sum(int(size) for size in jax.tree.leaves(state.log_size))
+  logged = int(state.log.size)
   # The mismatches after step t are logged by update t + 1 (the last not yet).
   assert logged == int(jnp.sum(counts[:-1]))
   assert 0 < logged < 0.004 * num_steps * 6310
 
 
-def test_leaves_sharing_dtype_and_scalar_schedules_share_one_exact_state():
-  params = mixed_params()  # leaves: dense/b, dense/w, emb (bf16), scalar, vec16 (bf16)
-  per_element_lr = jnp.linspace(0.01, 0.1, 33).reshape(11, 3)
-  tx = revoptax.reversible_sgd(
-    {"dense": 0.05, "emb": per_element_lr, "scalar": 0.05, "vec16": 0.1}, 0.9, max_steps=100
-  )
+def test_state_mirrors_the_params():
+  """One array per leaf and exact quantity, in the leaf's shape (stack: rows first)."""
+  params = mixed_params()
+  tx = revoptax.reversible_sgd(0.05, 0.9, max_steps=100)
   state = tx.init(params)
-  groups = state.layout.groups
-  assert [g.leaves for g in groups] == [(0, 1, 3), (2,), (4,)]
-  # float32 leaves laid end to end; the per-element leaf keeps its shape.
-  assert [words.shape for words in state.exact] == [(6, 5 + 35 + 1), (6, 11, 3), (6, 4)]
-  assert len(jax.tree.leaves(state)) == 2 + 5 * len(groups)
-  state0, _, (p_back, s_back) = train_then_reverse(tx, params, jax.grad(mixed_loss), 100)
-  assert words_equal(p_back, params) and words_equal(s_back, state0)
+  shapes = jax.tree.map(jnp.shape, params)
+  exact = state.exact
+  for tree in (exact.w.hi, exact.w.lo, exact.v.hi, exact.v.lo):
+    assert jax.tree.map(jnp.shape, tree) == shapes
+  for tree in (exact.buffer.head_hi, exact.buffer.head_lo):
+    assert jax.tree.map(jnp.shape, tree) == shapes
+  stacks = jax.tree.map(lambda s: s.shape[1:], exact.buffer.stack)
+  assert stacks == shapes
+  assert jax.tree.map(lambda m: m.dtype, state.param_dtype) == jax.tree.map(
+    lambda p: p.dtype, params
+  )
+  assert int(optax.tree_utils.tree_get(state, "count")) == 0
 
 
-def test_failures_inside_a_packed_group_name_the_leaf_and_the_group():
-  params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+def test_tree_map_params_and_empty_pytrees_work_as_for_optax_optimizers():
+  params = mixed_params()
+  tx = revoptax.reversible_sgd(0.05, 0.9, max_steps=10)
+  state = tx.init(params)
+  mapped = optax.tree_utils.tree_map_params(tx, lambda v: v, state)
+  assert words_equal(mapped, state)
+  marked = optax.tree_utils.tree_map_params(
+    tx, lambda v: "param", state, transform_non_params=lambda _: "other"
+  )
+  assert jax.tree.leaves(marked.exact.v.hi) == ["param"] * 5 and marked.count == "other"
+  empty = tx.init({})
+  updates, empty = tx.update({}, empty, {})
+  assert updates == {} and int(empty.count) == 1
+  # All-False masks and empty multi_transform labels give empty inner params.
+  masked = optax.masked(tx, jax.tree.map(lambda _: False, params))
+  masked_state = masked.init(params)
+  updates, _ = masked.update(jax.grad(mixed_loss)(params, 0), masked_state, params)
+  assert words_equal(updates, jax.grad(mixed_loss)(params, 0))
+
+
+def test_count_and_inject_hyperparams_under_jit():
+  params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
+  grads = {"w": jnp.ones(3), "b": jnp.ones(2)}
+  plain = revoptax.reversible_sgd(0.1, 0.9, max_steps=10)
+  injected = optax.inject_hyperparams(revoptax.reversible_sgd, static_args=("max_steps",))(
+    learning_rate=0.1, momentum=0.9, max_steps=10
+  )
+  u_plain, s_plain = jax.jit(plain.update)(grads, jax.jit(plain.init)(params), params)
+  u_inj, s_inj = jax.jit(injected.update)(grads, jax.jit(injected.init)(params), params)
+  assert words_equal(u_plain, u_inj) and words_equal(s_plain, s_inj.inner_state)
+  assert int(optax.tree_utils.tree_get(s_plain, "count")) == 1
+  # A learning rate changed through the injected state is the one applied.
+  s_inj.hyperparams["learning_rate"] = jnp.asarray(0.2)
+  u_half, _ = jax.jit(injected.update)(grads, s_inj, params)
+  assert not words_equal(u_half, u_plain)
+
+
+def test_wrong_gradient_structure_and_missing_params_raise_clear_errors():
+  params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
   tx = revoptax.reversible_sgd(0.1, 0.9, max_steps=10)
   state = tx.init(params)
-  assert len(state.exact) == 1  # one exact state for both leaves
-  bad = {"a": jnp.ones(3), "b": jnp.asarray([1.0, jnp.nan])}
-  with pytest.raises(revoptax.ReversibilityError, match=r"leaf \['b'\] is not finite at step 0"):
-    tx.update(bad, state, params)
-  step = jax.jit(lambda g, s: tx.update(g, s, params))
-  with pytest.raises(Exception, match=r"leaf \['b'\] is not finite at step 0"):
-    jax.block_until_ready(step(bad, state))
-  recording = revoptax.reversible_sgd(0.1, 0.9, max_steps=10, on_error="nan")
-  _, recorded = jax.jit(lambda g, s: recording.update(g, s, params))(
-    {"a": jnp.ones(3), "b": jnp.asarray([1.0, 1e30])}, recording.init(params)
-  )
-  with pytest.raises(revoptax.ReversibilityError, match=r"overflow in leaf \['b'\] at step 0"):
-    revoptax.check(recorded)
-  # The buffer is the group's: its message names every leaf in the group.
-  small = revoptax.reversible_sgd(0.01, 0.5, max_steps=4)
-  state = small.init(params)
-  with pytest.raises(Exception, match=r"exceeded for leaf one of \['a'\], \['b'\] \(packed"):
-    for _ in range(300):
-      _, state = jax.block_until_ready(small.update({"a": jnp.ones(3), "b": jnp.ones(2)}, state))
+  with pytest.raises(ValueError, match="gradients have the structure"):
+    tx.update({"w": jnp.ones(3)}, state, params)
+  with pytest.raises(ValueError, match=r"gradient of leaf \['w'\] has shape \(4,\)"):
+    tx.update({"w": jnp.ones(4), "b": jnp.ones(2)}, state, params)
+  with pytest.raises(ValueError, match="update needs the params"):
+    tx.update({"w": jnp.ones(3), "b": jnp.ones(2)}, state)
+
+
+def test_params_changed_after_the_update_are_logged_and_reversed_exactly():
+  """A post-scaling after the reversible step (chain(..., scale(0.5))) changes the params
+  the next gradient sees: update logs them and the inverse uses them."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 7)}
+  tx = revoptax.reversible_sgd(0.1, 0.9, max_steps=20, param_log_capacity=1000)
+  grad = jax.grad(lambda p: jnp.sum(jnp.sin(3.0 * p["w"])))
+  state0 = tx.init(params)
+  p, s = params, state0
+  for _ in range(20):
+    u, s = tx.update(grad(p), s, p)
+    p = optax.apply_updates(p, jax.tree.map(lambda x: 0.5 * x, u))
+  assert int(s.log.size) > 0
+  for _ in range(20):
+    s, p = tx.inverse(s, grad)
+  assert words_equal(p, params) and words_equal(s, state0)
+
+
+def test_an_inverse_with_other_hyperparameters_says_so():
+  params = {"w": jnp.ones(3)}
+  grad = jax.grad(lambda p: jnp.sum(p["w"] ** 2))
+  tx = revoptax.reversible_sgd(0.1, 0.9, max_steps=5)
+  _, state = tx.update(grad(params), tx.init(params), params)
+  other = revoptax.reversible_sgd(0.2, 0.9, max_steps=5)
+  with pytest.raises(revoptax.ReversibilityError, match="hyperparameters of leaf .* differ"):
+    other.inverse(state, grad)
+
+
+def test_more_updates_than_max_steps_raise():
+  params = {"w": jnp.ones(3)}
+  tx = revoptax.reversible_sgd(0.1, 0.9, max_steps=2)
+  state = tx.init(params)
+  with pytest.raises(revoptax.ReversibilityError, match="past max_steps"):
+    for _ in range(3):
+      _, state = tx.update({"w": jnp.ones(3)}, state, params)
 
 
 def test_state_has_fixed_shapes_under_jit_and_cond():
@@ -217,7 +279,7 @@ def test_state_has_fixed_shapes_under_jit_and_cond():
   assert jax.tree.map(lambda a: (a.shape, a.dtype), stepped) == jax.tree.map(
     lambda a: (a.shape, a.dtype), state
   )
-  assert words_equal(same, state) and int(stepped.step) == 1
+  assert words_equal(same, state) and int(stepped.count) == 1
 
 
 @pytest.mark.parametrize("momentum", [0.0, 1.0, 1.5, -0.1, float("nan")])
@@ -251,7 +313,9 @@ def test_out_of_range_params_raise():
   tx = revoptax.reversible_sgd(0.1, 0.9, max_steps=10)
   with pytest.raises(revoptax.ReversibilityError, match="fixed-point overflow"):
     tx.init({"w": jnp.asarray([1.0, 1e6])})
-  wide = revoptax.reversible_sgd(0.1, 0.9, max_steps=10, radix_bits=30, int_bits=30)
+  wide = revoptax.reversible_sgd(
+    0.1, 0.9, max_steps=10, rule=revoptax.MomentumSGDRule(revoptax.FixedPointFormat(30, 30))
+  )
   wide.init({"w": jnp.asarray([1.0, 1e6])})
 
 
@@ -294,18 +358,22 @@ def test_update_raises_under_vmap_for_the_failing_member():
   tx = revoptax.reversible_sgd(0.1, 0.9, max_steps=10)
   params = {"w": jnp.ones((4, 3))}
   state = jax.vmap(tx.init)(params)
-  step = jax.jit(jax.vmap(lambda g, s: tx.update(g, s)))
+  step = jax.jit(jax.vmap(tx.update))
   grads = {"w": jnp.ones((4, 3))}
-  updates, _ = step(grads, state)
+  updates, _ = step(grads, state, params)
   assert updates["w"].shape == (4, 3)
   with pytest.raises(Exception, match=r"leaf \['w'\] is not finite at step 0"):
-    jax.block_until_ready(step({"w": grads["w"].at[2, 1].set(jnp.nan)}, state))
+    jax.block_until_ready(step({"w": grads["w"].at[2, 1].set(jnp.nan)}, state, params))
 
 
 def test_buffer_capacity_exceeded_raises():
-  tx = revoptax.reversible_sgd(0.01, 0.5, max_steps=10)
+  """The buffer is sized at init for the momentum given then; a lower momentum injected
+  later runs it out, which is reported (never wrapped)."""
+  factory = optax.inject_hyperparams(revoptax.reversible_sgd, static_args=("max_steps",))
+  tx = factory(learning_rate=0.01, momentum=0.99, max_steps=300)
   params = {"w": jnp.ones(3)}
   state = tx.init(params)
+  state.hyperparams["momentum"] = jnp.asarray(0.5)
   step = jax.jit(lambda p, s: tx.update({"w": jnp.ones(3)}, s, p))
   with pytest.raises(Exception, match="information buffer capacity exceeded"):
     for _ in range(300):

@@ -189,11 +189,12 @@ def simple_problem(**overrides):
   return loss_fn, params, {"log_lr": jnp.log(0.1)}, (xb, yb), kwargs
 
 
-def test_return_velocity_and_its_gradient():
-  loss_fn, params, hp, batches, kw = simple_problem(return_velocity=True)
+def test_return_state_and_its_gradient():
+  loss_fn, params, hp, batches, kw = simple_problem(return_state=True)
   f = jax.jit(
     lambda h: sum(
-      jnp.sum(v) for v in jax.tree.leaves(revoptax.train(loss_fn, params, h, batches, **kw)[1])
+      jnp.sum(v)
+      for v in jax.tree.leaves(revoptax.train(loss_fn, params, h, batches, **kw)[1]["velocity"])
     )
   )
   got = jax.jit(jax.grad(f))(hp)
@@ -261,7 +262,12 @@ def test_closure_over_traced_value_gives_clear_error():
     ({"momentum": lambda hp, t: jnp.nan}, ValueError, "momentum must lie strictly"),
     ({"learning_rate": lambda hp, t: -0.1}, ValueError, "learning_rate must be positive"),
     ({"learning_rate": lambda hp, t: jnp.inf}, ValueError, "learning_rate must be positive"),
-    ({"learning_rate": 0.1}, TypeError, "must be callables"),
+    ({"learning_rate": 0.1}, TypeError, "must be a callable"),
+    (
+      {"lr": lambda hp, t: 0.1},
+      TypeError,
+      r"takes the hyperparameters learning_rate, momentum.*unknown: \[.lr.\]",
+    ),
     ({"learning_rate": lambda hp, t: jnp.ones(3)}, ValueError, "does not broadcast"),
     ({"on_drift": "ignore"}, ValueError, "on_drift"),
   ],
@@ -324,7 +330,9 @@ def test_diverging_training_reports_fixed_point_overflow_under_jit():
 
 def test_buffer_capacity_exceeded_is_reported():
   loss_fn, params, hp, batches, kw = simple_problem(
-    momentum=lambda hp, t: jax.nn.sigmoid(hp["logit"]), num_steps=200, momentum_floor=0.99
+    momentum=lambda hp, t: jax.nn.sigmoid(hp["logit"]),
+    num_steps=200,
+    rule=revoptax.MomentumSGDRule(momentum_floor=0.99),
   )
   hp = {**hp, "logit": jnp.asarray(-3.0)}
   f = jax.jit(lambda h: revoptax.train(loss_fn, params, h, batches, **kw))

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not jax.config.jax_enable_x64, reason="needs JAX
 
 # The float64 configuration: more fractional bits (range |x| < 256), so the
 # fixed-point rounding is far below float64 training's own.
-X64 = dict(radix_bits=54, int_bits=8)
+X64 = dict(fixed=FixedPointFormat(radix_bits=54, int_bits=8))
 # Float64 hypergradients vs the float64 scan oracle, per element relative to
 # each leaf's largest entry.
 X64_RTOL = 1e-9  # observed at most 1.6e-10
