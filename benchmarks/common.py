@@ -8,7 +8,7 @@ validation cross-entropy after ``T`` steps as the meta objective.
 
 Every method below computes the same function of the hyperparameters with the
 same update rule (``revoptax.MomentumSGDRule.float_step``) and the same
-quantized momentum (``MomentumSGDRule.applied_momentum`` with a
+quantized momentum (``MomentumSGDRule.applied_momentum``, with its
 straight-through gradient), so their hypergradients agree up to rounding:
 
 * ``revoptax``: ``jax.grad`` of :func:`revoptax.train` (training reversed).
@@ -130,8 +130,7 @@ def momentum(hparams, t):
 
 def quantized_momentum(hparams, t):
   """The momentum revoptax applies (``n / 2**16``), with a straight-through gradient."""
-  gamma = momentum(hparams, t)
-  return gamma + lax.stop_gradient(RULE.applied_momentum(gamma) - gamma)
+  return RULE.applied_momentum(momentum(hparams, t))
 
 
 # ----------------------------------------------------------------------------
@@ -145,11 +144,11 @@ def _float_step(data, hparams, carry, t):
   g = jax.grad(train_loss)(w, hparams, (batches[b], labels[b]))
   alpha = learning_rate(hparams, t)
   gamma = quantized_momentum(hparams, t)
-  step = partial(RULE.float_step, alpha=alpha, gamma=gamma)
-  pairs = jax.tree.map(step, w, v, g)
+  hp = {"learning_rate": alpha, "momentum": gamma}
+  pairs = jax.tree.map(lambda w, v, g: RULE.float_step(w, (v,), g, hp), w, v, g)
   is_pair = lambda x: isinstance(x, tuple)
   new_w = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
-  new_v = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+  new_v = jax.tree.map(lambda p: p[1][0], pairs, is_leaf=is_pair)
   return (new_w, new_v), None
 
 
@@ -195,7 +194,7 @@ def revoptax_train(params, hparams, data, num_steps: int, gamma_floor: float):
     num_steps=num_steps,
     learning_rate=learning_rate,
     momentum=momentum,
-    momentum_floor=gamma_floor,
+    rule=revoptax.MomentumSGDRule(momentum_floor=gamma_floor),
   )
 
 
@@ -269,11 +268,10 @@ def measure_buffer_bits(model: str, num_steps: int, gamma: float) -> dict:
 
 
 def _buffers_and_log_sizes(state):
-  """Per-leaf ``BufferState`` and param-log sizes of a ``ReversibleSGDState``."""
-  from revoptax._sgd import _unpack
+  """Per-leaf ``BufferState`` and the param-log size of a ``ReversibleState``."""
+  from revoptax._optax import _unpack
 
-  _, exact, logs, _ = _unpack(state)
-  return [leaf.buffer for leaf in exact], [int(log.size) for log in logs]
+  return [leaf.buffer for leaf in _unpack(state)], [int(state.log.size)]
 
 
 def ideal_buffer_bits(gamma: float) -> float:

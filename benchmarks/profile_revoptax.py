@@ -66,7 +66,7 @@ def end_to_end(num_steps: int) -> dict:
       num_steps=num_steps,
       learning_rate=common.learning_rate,
       momentum=common.momentum,
-      momentum_floor=GAMMA,
+      rule=revoptax.MomentumSGDRule(momentum_floor=GAMMA),
       check_drift=False,
     )
     return common.cross_entropy(final, *validation)
@@ -106,11 +106,13 @@ def exact_pieces(num_steps: int, rows_list) -> dict:
     return leaf._replace(v=v, buffer=buf)
 
   def float_step(pair, t):
-    return rule.float_step(pair[0], pair[1], pair[0], 1.0, GAMMA)
+    hp = {"learning_rate": 1.0, "momentum": GAMMA}
+    w, (v,) = rule.float_step(pair[0], (pair[1],), pair[0], hp)
+    return w, v
 
   out = {}
   for rows in rows_list:
-    state = [rule.init_leaf(p, rows)[0] for p in leaves]
+    state = [rule.init(p, rows)[0] for p in leaves]
     state = [s._replace(v=rule.fixed.from_float(p)[0]) for s, p in zip(state, leaves)]
     forward = scanned(multiply)
     out[f"buffer multiply (forward), {rows} stack rows"] = _median_time(forward, state) / num_steps

@@ -77,13 +77,15 @@ def scan_train(params, hp, batches, num_steps):
     g = jax.grad(loss_fn)(w, hp, batch)
     new_w, new_v = {}, {}
     for name in LAYERS:
-      a, m = learning_rate(hp, t)[name], momentum(hp, t)[name]
-      m = m + jax.lax.stop_gradient(rule.applied_momentum(m) - m)
+      applied = {
+        "learning_rate": learning_rate(hp, t)[name],
+        "momentum": rule.applied_momentum(momentum(hp, t)[name]),
+      }
       pairs = jax.tree.map(
-        lambda w, v, g, a=a, m=m: rule.float_step(w, v, g, a, m), w[name], v[name], g[name]
+        lambda w, v, g, hp=applied: rule.float_step(w, (v,), g, hp), w[name], v[name], g[name]
       )
       new_w[name] = jax.tree.map(lambda p: p[0], pairs, is_leaf=lambda x: isinstance(x, tuple))
-      new_v[name] = jax.tree.map(lambda p: p[1], pairs, is_leaf=lambda x: isinstance(x, tuple))
+      new_v[name] = jax.tree.map(lambda p: p[1][0], pairs, is_leaf=lambda x: isinstance(x, tuple))
     return (new_w, new_v), None
 
   v0 = jax.tree.map(jnp.zeros_like, params)
@@ -111,7 +113,7 @@ def main():
       num_steps=num_steps,
       learning_rate=learning_rate,
       momentum=momentum,
-      momentum_floor=0.5,
+      rule=revoptax.MomentumSGDRule(momentum_floor=0.5),
     )
     return cross_entropy(trained, x_val, y_val)
 

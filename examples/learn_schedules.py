@@ -93,7 +93,7 @@ def schedules(num_steps):
 
   def momentum(hp, t):
     z = interpolate(hp["momentum_logit"], t, num_steps)
-    values = MOMENTUM_FLOOR + (1 - MOMENTUM_FLOOR) * jax.nn.sigmoid(z)
+    values = revoptax.momentum_above(MOMENTUM_FLOOR, z)
     return {name: values[i] for i, name in enumerate(LAYERS)}
 
   return learning_rate, momentum
@@ -129,7 +129,7 @@ def make_trainer(train_split, num_steps):
       num_steps=num_steps,
       learning_rate=learning_rate,
       momentum=momentum,
-      momentum_floor=MOMENTUM_FLOOR,
+      rule=revoptax.MomentumSGDRule(momentum_floor=MOMENTUM_FLOOR),
     )
 
   return trained_model

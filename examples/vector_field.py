@@ -65,7 +65,7 @@ def main(argv=None):
       num_steps=args.steps,
       learning_rate=lambda hp, t: jnp.exp(hp[0]),
       momentum=lambda hp, t: jax.nn.sigmoid(hp[1]),
-      momentum_floor=0.25,
+      rule=revoptax.MomentumSGDRule(momentum_floor=0.25),
     )
     return _common.cross_entropy(logits(trained, xv), yv)
 

@@ -4,9 +4,9 @@ Hypergradients through whole training runs by running training backwards
 exactly (Maclaurin, Duvenaud & Adams, ICML 2015).
 """
 
+from revoptax._alias import reversible_sgd
 from revoptax._determinism import fingerprint, isolated
 from revoptax._errors import ReversibilityError
-from revoptax._alias import reversible_sgd
 from revoptax._fixed_point import Fixed, FixedPointFormat
 from revoptax._optax import (
   ReversibleState,

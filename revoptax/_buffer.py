@@ -154,49 +154,72 @@ def _freq_cdf(s, a, rr, boundary):
 
 
 def _reciprocal(den):
-  """``float64`` ``fl(1 / den)``; computed once per leaf for the divisions below."""
-  with exact_scope():
-    return 1.0 / jnp.asarray(den).astype(jnp.float64)
+  """``float32`` ``fl(1 / den)``, computed once per leaf for the divisions below."""
+  return 1.0 / jnp.asarray(den).astype(jnp.float32)
+
+
+def _correct(num, den, q):
+  """``(q', num - q' den)`` for ``num // den`` given an estimate ``q`` within one of it."""
+  rem = num - q * den
+  low, high = rem < 0, rem >= den
+  q = q - low.astype(q.dtype) + high.astype(q.dtype)
+  rem = rem + jnp.where(low, den, 0) - jnp.where(high, den, 0)
+  return q, rem
 
 
 def _floor_div_small(num, den, inv=None):
-  """``num // den`` for ``num < 2**24`` and ``1 <= den < 2**17`` (uint32).
+  """``num // den`` (uint32) for ``num < 2**24`` and ``2**8 <= den < 2**17``; ``inv = fl(1/den)``
+  (computed when not given).
 
-  Vector units have no integer division and dividing is slow, so the quotient
-  is ``floor((num + 1/2) * fl(1/den))`` in float64 (``inv``: the reciprocal,
-  from :func:`_reciprocal`).  This is exact: ``(num + 1/2) / den`` lies at
-  least ``1 / (2 den) >= 2**-18`` from an integer, and the computed product is
-  within ``2**-52`` relative (``2**-28`` absolute) of it.
+  Vector units have no integer division, so the quotient is estimated in
+  float32 and corrected in integers.  ``num`` converts exactly, so the estimate
+  ``fl(num * inv)`` is within ``2**-22`` relative of ``num / den < 2**16``,
+  i.e. within ``2**-6``: its floor is the quotient or one off, which
+  :func:`_correct` fixes from the exact remainder.
   """
-  with exact_scope():
-    if inv is None:
-      inv = _reciprocal(den)
-    return jnp.floor((num.astype(jnp.float64) + 0.5) * inv).astype(U32)
+  inv = _reciprocal(den) if inv is None else inv
+  num, den = num.astype(I32), jnp.asarray(den).astype(I32)
+  q = jnp.floor(num.astype(jnp.float32) * inv).astype(I32)
+  return _correct(num, den, q)[0].astype(U32)
 
 
-def _quotient(num, den, inv):
-  """``num // den`` (``int64``) for ``0 <= num < 2**64`` and ``2 <= den < 2**17``.
+# Digits of the long division below: each partial quotient is below 2**21.
+_DIGIT_BITS = 21
 
-  Inside :func:`exact_scope`; ``inv = fl(1/den)``.  The estimate
-  ``trunc(fl(num) * inv)`` is within ``3 * 2**-53`` relative of ``num / den``,
-  so within 25 of the quotient (which is below ``2**63``); the remainder of the
-  estimate, computed exactly in wrapping 64-bit integers, is below ``2**22``
-  in magnitude, and its floor quotient is exact by the argument of
-  :func:`_floor_div_small`.  No division instruction is used.
+
+def _quotient_long(num, den, inv):
+  """``num // den`` (``int64``) for ``uint64`` num and ``2**8 <= den < 2**17``.
+
+  Inside :func:`exact_scope`; ``inv = fl(1/den)`` in float32.  Long division in
+  three digits (bits 42-63, then 21 bits twice): with ``r < den`` the
+  remainder so far, each partial ``p = r * 2**21 + digit < 2**38`` has
+  ``p / den < 2**21`` (the first, ``p < 2**22``, less), which the float32
+  estimate ``fl(fl(p) * inv)`` (three roundings, each below ``2**-24``
+  relative) gets within ``0.375``: its floor is the digit of the quotient or
+  one off, corrected from the exact remainder (:func:`_correct`).  Integer
+  multiplies, adds and shifts only: no division, no float64.  Callers
+  materialize the quotient alone and re-derive the remainder from it (a
+  fusion with both outputs would compute the chain twice on CPU).
   """
-  q = (num.astype(jnp.float64) * inv).astype(I64)
-  rem = (num.astype(U64) - q.astype(U64) * den.astype(U64)).astype(I64)
-  return q + jnp.floor((rem.astype(jnp.float64) + 0.5) * inv).astype(I64)
+  num = num.astype(U64)
+  den = den.astype(I64)
+  mask = (1 << _DIGIT_BITS) - 1
+  q = jnp.zeros(num.shape, I64)
+  rem = jnp.zeros(num.shape, I64)
+  for shift in (2 * _DIGIT_BITS, _DIGIT_BITS, 0):
+    digit = (num >> shift).astype(I64) & (mask if shift < 2 * _DIGIT_BITS else -1)
+    partial = (rem << _DIGIT_BITS) | digit if shift < 2 * _DIGIT_BITS else digit
+    estimate = jnp.floor(partial.astype(jnp.float32) * inv).astype(I64)
+    digit_q, rem = _correct(partial, den, estimate)
+    q = (q << _DIGIT_BITS) | digit_q
+  return q
 
 
 def _divmod_u64(num, den):
-  """``(num // den, num % den)`` for ``uint64`` num and ``2 <= den < 2**17``.
-
-  Inside :func:`exact_scope`; see :func:`_quotient`.
-  """
-  den = jnp.broadcast_to(den, num.shape)
-  q = _quotient(num, den, _reciprocal(den))
-  return q.astype(U64), (num - q.astype(U64) * den.astype(U64)).astype(U32)
+  """``(num // den, num % den)`` as ``(uint64, uint32)``, from :func:`_quotient_long`."""
+  den = jnp.broadcast_to(jnp.asarray(den, U32), num.shape)
+  q = _quotient_long(num, den, _reciprocal(den)).astype(U64)
+  return q, (num - q * den.astype(U64)).astype(U32)
 
 
 def multiply(v: Fixed, buf: BufferState, n, step, momentum_bits: int):
@@ -246,7 +269,9 @@ def push_pop(value, head, n, momentum_bits: int):
   # X = head * 2**k + r;  c = X mod M (24 bits);  X // M = head >> 8.
   c = ((head & 0xFF).astype(U32) << k) | r
   first = c < boundary
-  s = _floor_div_small(jnp.where(first, c, c - boundary), None, jnp.where(first, inv_a1, inv_a))
+  s = _floor_div_small(
+    jnp.where(first, c, c - boundary), jnp.where(first, a + 1, a), jnp.where(first, inv_a1, inv_a)
+  )
   s = materialize(jnp.where(first, s, rr + s))  # one symbol for both outputs
   f, cdf = _freq_cdf(s, a, rr, boundary)
   # rANS decode: head' = f * (X // M) + c - cdf < f * 2**48 <= 2**64 for head < 2**56.
@@ -264,13 +289,13 @@ def pop_push(value, head, n, momentum_bits: int):
   # Only the quotients are materialized; remainders are re-derived from them.
   neg = value < 0
   mag = jnp.where(neg, ~value, value)
-  q = materialize(_quotient(mag, n, _reciprocal(n)))
+  q = materialize(_quotient_long(mag, n, _reciprocal(n)))
   rem = (mag - q * n.astype(I64)).astype(U32)
   s = jnp.where(neg, n - 1 - rem, rem)
   q = jnp.where(neg, ~q, q)
   # rANS encode of s: X // M = head // f, X mod M = head mod f + cdf.
   f, cdf = _freq_cdf(s, a, rr, boundary)
-  shifted = materialize(_quotient(head, f, jnp.where(s < rr, inv_a1, inv_a)).astype(U64))
+  shifted = materialize(_quotient_long(head, f, jnp.where(s < rr, inv_a1, inv_a)).astype(U64))
   c = materialize((head - shifted * f.astype(U64)).astype(U32) + cdf)
   head = (shifted << 8) | (c >> k).astype(U64)
   return (q << k) | (c & ((1 << k) - 1)).astype(I64), head

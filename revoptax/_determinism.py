@@ -51,12 +51,25 @@ def fingerprint(grad) -> jax.Array:
   ``sum_i bits_i * m_i mod 2**32`` with odd multipliers ``m_i``: a change of
   one element by ``d != 0 (mod 2**32)`` changes the sum by ``d * m_i != 0``.
   """
-  width = np.dtype(grad.dtype).itemsize * 8
-  bits = lax.bitcast_convert_type(grad, jnp.dtype(f"uint{min(width, 32)}"))
-  bits = bits.astype(jnp.uint32).ravel()
-  idx = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+  return fingerprints(grad)[0]
+
+
+def _bits32(x) -> jax.Array:
+  width = np.dtype(x.dtype).itemsize * 8
+  bits = lax.bitcast_convert_type(x, jnp.dtype(f"uint{min(width, 32)}"))
+  return bits.astype(jnp.uint32).ravel()
+
+
+def fingerprints(*arrays) -> jax.Array:
+  """``uint32[len(arrays)]``: :func:`fingerprint` of each (one reduction when they have the
+  same number of 32-bit words, as a float32 gradient and its buffer heads do)."""
+  words = [_bits32(x) for x in arrays]
+  if len({w.shape for w in words}) > 1:
+    return jnp.concatenate([fingerprints(x) for x in arrays])
+  bits = jnp.stack(words)
+  idx = jnp.arange(bits.shape[1], dtype=jnp.uint32)
   mult = (idx * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)
-  return jnp.sum(bits * mult, dtype=jnp.uint32)
+  return jnp.sum(bits * mult, axis=1, dtype=jnp.uint32)
 
 
 def fingerprint_all(grads) -> jax.Array:

@@ -162,17 +162,21 @@ class FixedPointFormat:
   # The same on int64 integers, for use inside exact_scope().
 
   def quantize(self, x) -> tuple[jax.Array, jax.Array]:
-    """``(round(x * 2**R), ok)`` as ``int64``; inside :func:`exact_scope`.
+    """``(round(x * 2**R), ok)`` as ``int64``, ties to even; inside :func:`exact_scope`.
 
-    float32 and narrower are widened to float64 exactly; scaling by a power of
-    two and rounding to an integer are then exact.
+    float32 and narrower (widened to float32 exactly): from the float's bits
+    in integers (significand shifted by its exponent plus ``R``, rounded half
+    to even), so no float64 is needed.  float64: scaling by a power of two
+    and rounding to an integer, both exact.
     """
     x = jnp.asarray(x)
     cd = _compute_dtype(x.dtype)
     x = x.astype(cd)
     ok = jnp.isfinite(x) & (jnp.abs(x) < jnp.asarray(self.max_abs, cd))
-    x = jnp.where(ok, x, jnp.zeros_like(x)).astype(jnp.float64)
-    return jnp.round(x * 2.0**self.radix_bits).astype(I64), ok
+    x = jnp.where(ok, x, jnp.zeros_like(x))
+    if cd == np.dtype(jnp.float64):
+      return jnp.round(x * 2.0**self.radix_bits).astype(I64), ok
+    return _round_scaled_f32(x, self.radix_bits), ok
 
   def dequantize(self, k, dtype=jnp.float32) -> jax.Array:
     """Correctly rounded float of ``k * 2**-R`` for ``int64`` k; inside :func:`exact_scope`.
@@ -204,6 +208,25 @@ class FixedPointFormat:
     exponent = (shift - self.radix_bits + 127).astype(I32) << 23
     mag_f = t.astype(jnp.float32) * lax.bitcast_convert_type(exponent, jnp.float32)
     return jnp.where(k < 0, -mag_f, mag_f).astype(dtype)
+
+
+def _round_scaled_f32(x, radix_bits: int):
+  """``round(x * 2**radix_bits)`` (``int64``, half to even) of finite float32 ``x`` in range."""
+  bits = lax.bitcast_convert_type(x, U32)
+  biased = ((bits >> 23) & 0xFF).astype(I32)
+  fraction = bits & 0x7FFFFF
+  significand = jnp.where(biased > 0, fraction | 0x800000, fraction)  # < 2**24
+  shift = jnp.maximum(biased, 1) - 150 + radix_bits  # x * 2**R = significand * 2**shift
+  # Left shifts: in range, significand * 2**shift < 2**62; the clamp keeps others defined.
+  left = significand.astype(I64) << jnp.clip(shift, 0, 39).astype(I64)
+  right_by = jnp.clip(-shift, 1, 31).astype(U32)  # beyond 31 bits everything rounds to 0
+  kept = significand >> right_by
+  dropped = significand & ((jnp.ones_like(significand) << right_by) - 1)
+  half = jnp.ones_like(significand) << (right_by - 1)
+  up = (dropped > half) | ((dropped == half) & ((kept & 1) == 1))
+  right = (kept + up.astype(U32)).astype(I64)
+  magnitude = jnp.where(shift >= 0, left, right)
+  return jnp.where((bits >> 31) == 1, -magnitude, magnitude)
 
 
 def _compute_dtype(dtype) -> np.dtype:

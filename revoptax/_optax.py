@@ -32,7 +32,7 @@ import optax
 
 from revoptax import _buffer as buffer_lib
 from revoptax import _errors, _hyper, _param_log, _reverse
-from revoptax._determinism import fingerprint, fingerprint_all
+from revoptax._determinism import fingerprint_all, fingerprints
 from revoptax._rule import ReversibleRule
 
 # Default param log: entries per leaf, plus one per 32 element updates.
@@ -211,7 +211,7 @@ def transformation(
     per = leaf_specs(treedef.unflatten([0] * len(grads)))
     learned = dict.fromkeys(names, False)
     log, new_states, new_updates, prints = state.log, [], [], []
-    per_leaf = {}
+    per_leaf, elementwise, any_bad = {}, [], []
     for i, (s, g) in enumerate(zip(states, grads)):
       dtype = jnp.asarray(g).dtype
       exact_before = rule.params(s, dtype)
@@ -219,32 +219,40 @@ def transformation(
       log, log_ok = _param_log.record(log, i, used, exact_before, t)
       hp = hp_at(per, i, t)
       s, flags = rule.step(s, g, hp, t)
-      found = {
-        "max_steps": t >= max_steps,
-        **rule.checks(hp, learned),
-        "nonfinite": jnp.any(flags.nonfinite),
-        "range": jnp.any(flags.range),
-        "buffer": flags.buffer,
-        "param_log": ~log_ok,
-      }
-      for k, v in found.items():
+      scalar = {"max_steps": t >= max_steps, **rule.checks(hp, learned)}
+      scalar.update(buffer=flags.buffer, param_log=~log_ok)
+      for k, v in scalar.items():
         per_leaf.setdefault(k, []).append(v)
+      elementwise.append(flags)
+      # One reduction for both per-element checks; the category is found only on failure.
+      any_bad.append(jnp.any(flags.nonfinite | flags.range))
       new_states.append(s)
       new_updates.append(rule.params(s, dtype) - used)
-      prints.append(
-        jnp.stack([fingerprint(g), _reverse.heads_print([s]), fingerprint_all(jax.tree.leaves(hp))])
-      )
-    codes = {k: jnp.stack(v) for k, v in per_leaf.items()}
-    failed = jnp.any(jnp.stack([jnp.any(v) for v in codes.values()])) if codes else False
+      words = fingerprints(g, s.buffer.head_lo)  # the gradient's and the new heads' at once
+      prints.append(jnp.concatenate([words, fingerprint_all(jax.tree.leaves(hp))[None]]))
+    failed = jnp.zeros((), bool)
+    for v in list(per_leaf.values()) + ([any_bad] if any_bad else []):
+      failed = failed | jnp.any(jnp.stack(v))
+
+    def codes():  # built only when a check failed
+      out = {k: jnp.stack(v) for k, v in per_leaf.items() if k not in ("buffer", "param_log")}
+      out["nonfinite"] = jnp.stack([jnp.any(f.nonfinite) for f in elementwise])
+      out["range"] = jnp.stack([jnp.any(f.range) for f in elementwise])
+      out["buffer"] = jnp.stack(per_leaf["buffer"])
+      out["param_log"] = jnp.stack(per_leaf["param_log"])
+      return out
+
     error = state.error
     if on_error == "raise":  # effect free, so jit keeps its fast dispatch path
       error = error + _when(
         failed,
-        lambda: _errors.raise_on_failure(codes, labels, api, step=t, token=True),
+        lambda: _errors.raise_on_failure(codes(), labels, api, step=t, token=True),
         lambda: jnp.zeros((), jnp.int32),
       )
     else:  # no host callback: record the failure and poison the updates
-      error = _when(failed & (error[0] < 0), lambda: _errors.failure_code(codes, t), lambda: error)
+      error = _when(
+        failed & (error[0] < 0), lambda: _errors.failure_code(codes(), t), lambda: error
+      )
       new_updates = [jnp.where(error[0] >= 0, jnp.nan, u).astype(u.dtype) for u in new_updates]
     new_prints = state.prints
     if prints:
@@ -279,18 +287,15 @@ def transformation(
 
     states, params, grads = _reverse.reverse_step(rule, states, hps, t, gradient, dtypes)
     recorded = jax.lax.dynamic_index_in_dim(state.prints, jnp.maximum(t, 0), 0, False)
-    fresh = [
-      _reverse.heads_print([s._replace(buffer=buffer_lib.init(s.buffer.head_lo.shape, 0))])
-      for s in states
-    ]
+    fresh = [fingerprints(buffer_lib.init(s.buffer.head_lo.shape, 0).head_lo)[0] for s in states]
     earlier = jax.lax.dynamic_index_in_dim(state.prints, jnp.maximum(t - 1, 0), 0, False)
     codes = {}
     if n:
       codes = {
         "inverse_hyperparameters": jnp.stack([fingerprint_all(jax.tree.leaves(hp)) for hp in hps])
         != recorded[:, _HYPER],
-        "drift": jnp.stack([fingerprint(g) for g in grads]) != recorded[:, _GRAD],
-        "buffer_corrupt": jnp.stack([_reverse.heads_print([s]) for s in states])
+        "drift": jnp.stack([fingerprints(g)[0] for g in grads]) != recorded[:, _GRAD],
+        "buffer_corrupt": jnp.stack([fingerprints(s.buffer.head_lo)[0] for s in states])
         != jnp.where(t > 0, earlier[:, _HEADS], jnp.stack(fresh)),
       }
     checked = checked + _errors.raise_on_failure(

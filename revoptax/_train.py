@@ -223,7 +223,10 @@ def train(
     unroll=unroll,
   )
   w_T, state_T, fails = _run_compiled(config, leaves, h_float, b_float, h_other, b_other, key)
-  _errors.raise_on_failure(fails, names, API)
+  if any(isinstance(x, jax.core.Tracer) for x in fails.values()):
+    _check_traced(fails, names)
+  else:
+    _errors.raise_on_failure(fails, names, API)
   w_T = jax.tree.unflatten(treedef, w_T)
   if return_state:
     return w_T, {n: jax.tree.unflatten(treedef, s) for n, s in zip(rule.state_names, state_T)}
@@ -474,6 +477,13 @@ def _run(config, params, h_float, b_float, h_other, b_other, key):
 
 
 _run_compiled = jax.jit(_run, static_argnums=(0,))
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _check_traced(fails, names):
+  """The forward checks on traced codes (under ``jit``, ``grad`` or ``vmap``), compiled once
+  per set of leaf names and shapes."""
+  _errors.raise_on_failure(fails, names, API)
 
 
 def _outputs(config: _Config, states):

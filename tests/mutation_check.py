@@ -65,8 +65,8 @@ MUTATIONS = [
         "      head = jnp.where(t % 16 == 0, head << 1, head)\n      buf, buffer_ok",
       ),
       (
-        "      head, popped = buffer_lib.unspill(leaf.buffer, t)\n",
-        "      head, popped = buffer_lib.unspill(leaf.buffer, t)\n"
+        "      head, popped = buffer_lib.unspill(state.buffer, t)\n",
+        "      head, popped = buffer_lib.unspill(state.buffer, t)\n"
         "      head = jnp.where(t % 16 == 0, head >> 1, head)\n",
       ),
     ),
@@ -77,8 +77,8 @@ MUTATIONS = [
     "revoptax/_sgd.py",
     (
       (
-        "total = num_steps * float(bits(0.5 if momentum_floor is None else momentum_floor))",
-        "total = num_steps * float(bits(0.5))",
+        "return DEFAULT_MOMENTUM_FLOOR if self.momentum_floor is None else self.momentum_floor",
+        "return DEFAULT_MOMENTUM_FLOOR",
       ),
     ),
   ),
@@ -88,8 +88,8 @@ MUTATIONS = [
     "revoptax/_sgd.py",
     (
       (
-        "    v = gamma * v - (1 - gamma) * g\n",
-        "    v = gamma * v - (1 - jax.lax.stop_gradient(gamma)) * g\n",
+        "    v = gamma * v - (1 - gamma) * grad\n",
+        "    v = gamma * v - (1 - jax.lax.stop_gradient(gamma)) * grad\n",
       ),
     ),
   ),
@@ -110,8 +110,8 @@ MUTATIONS = [
     "revoptax/_fixed_point.py",
     (
       (
-        "return jnp.round(x * 2.0**self.radix_bits).astype(I64), ok",
-        "return jnp.floor(x * 2.0**self.radix_bits).astype(I64), ok",
+        "  up = (dropped > half) | ((dropped == half) & ((kept & 1) == 1))\n",
+        "  up = dropped < 0\n",
       ),
     ),
   ),
@@ -135,11 +135,11 @@ MUTATIONS = [
   Mutation(
     "schedule_index",
     "schedules are evaluated one step late (the same in both passes)",
-    "revoptax/_train.py",
+    "revoptax/_hyper.py",
     (
       (
-        "values = jax.vmap(lambda t: fn(hparams, t))(ts)",
-        "values = jax.vmap(lambda t: fn(hparams, t))(jnp.roll(ts, 1))",
+        "    return tuple(self.at_name(name, hparams, t) for name in self.names)",
+        "    return tuple(self.at_name(n, hparams, jnp.maximum(t - 1, 0)) for n in self.names)",
       ),
     ),
   ),
@@ -176,22 +176,27 @@ MUTATIONS = [
     "param_log_wrong_step",
     "the inverse restores the param-log entries of the wrong step",
     "revoptax/_param_log.py",
-    (("  hit = steps == step\n", "  hit = steps == step + 1\n"),),
+    (
+      (
+        "  hit = (log.entries[0] == leaf) & (log.entries[2] == step)\n",
+        "  hit = (log.entries[0] == leaf) & (log.entries[2] == step + 1)\n",
+      ),
+    ),
   ),
   Mutation(
     "traced_momentum_unchecked",
     "train checks traced momenta only for finiteness",
-    "revoptax/_train.py",
+    "revoptax/_sgd.py",
     (
       (
-        "bad_momentum = [_first_bad_step(~((m > 0) & (m < 1))) for m in gammas]",
-        "bad_momentum = [_first_bad_step(~jnp.isfinite(m)) for m in gammas]",
+        '"momentum": ~jnp.all(jnp.isfinite(gamma) & (gamma > 0) & (gamma < 1)),',
+        '"momentum": ~jnp.all(jnp.isfinite(gamma)),',
       ),
     ),
   ),
   Mutation(
     "optax_learning_rate_unchecked",
-    "reversible_sgd's update does not check traced learning rates",
+    "the rule does not check traced learning rates (train and the Optax update)",
     "revoptax/_sgd.py",
     (
       (
@@ -201,10 +206,27 @@ MUTATIONS = [
     ),
   ),
   Mutation(
+    "schedule_cotangent_dropped",
+    "train's backward pass drops the VJP of the schedules (hparams reached only through the loss)",
+    "revoptax/_train.py",
+    (("      d_h = [x + y for x, y in zip(d_h, dh_schedule)]\n", "      d_h = list(d_h)\n"),),
+  ),
+  Mutation(
+    "division_half_corrected",
+    "the integer division corrects a low estimate but not a high one",
+    "revoptax/_buffer.py",
+    (
+      (
+        "  q = q - low.astype(q.dtype) + high.astype(q.dtype)\n",
+        "  q = q + high.astype(q.dtype)\n",
+      ),
+    ),
+  ),
+  Mutation(
     "heads_not_checked",
     "train's backward pass does not compare the undone buffer heads",
     "revoptax/_train.py",
-    (("_heads_print(exact) != heads_before", "heads_before != heads_before"),),
+    (("_reverse.heads_print(states) != heads_before", "heads_before != heads_before"),),
   ),
 ]
 

@@ -148,8 +148,8 @@ def test_symbol_division_is_exact_for_every_divisor_form():
 
 def test_64_bit_division_is_exact():
   # Quotient and remainder of 64-bit heads and velocities by the small
-  # frequencies and momentum numerators: a float64 estimate corrected in
-  # integers (the estimate alone is off by up to ~25 near 2**64).
+  # frequencies and momentum numerators: long division in 21-bit digits, each
+  # digit a float32 estimate corrected in integers.
   rng = np.random.default_rng(11)
   nums = rng.integers(0, 2**64 - 1, size=20000, dtype=np.uint64, endpoint=True)
   nums[:8] = [0, 1, 2**56 - 1, 2**56, 2**62, 2**63 - 1, 2**64 - 2, 2**64 - 1]

@@ -4,7 +4,17 @@ import doctest
 
 import pytest
 
-from revoptax import _alias, _determinism, _fixed_point, _flax, _fusion, _optax, _sgd, _static, _train
+from revoptax import (
+  _alias,
+  _determinism,
+  _fixed_point,
+  _flax,
+  _fusion,
+  _optax,
+  _sgd,
+  _static,
+  _train,
+)
 
 MODULES = [_alias, _determinism, _fixed_point, _flax, _fusion, _optax, _sgd, _static, _train]
 
