@@ -117,10 +117,6 @@ class Schedules:
     """``{name: value}`` of a group whose value indices are ``hyper``, from :meth:`at`."""
     return {n: v[i] for n, v, i in zip(self.names, values, hyper)}
 
-  def leaf_values(self, values, leaf: int) -> dict[str, jax.Array]:
-    """``{name: value}`` of one leaf, from :meth:`at`'s result."""
-    return self.group_values(values, tuple(i[leaf] for i in self.index))
-
   def is_scalar(self, leaf: int) -> bool:
     """Whether every hyperparameter of the leaf is one value per step."""
     return all(s[i[leaf]] == () for s, i in zip(self.shapes, self.index))

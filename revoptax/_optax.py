@@ -168,11 +168,14 @@ def transformation(
     _check_dtypes(leaves, labels, api)
     per = leaf_specs(treedef.unflatten([0] * len(leaves)))
     states, oks = [], []
+    index = {n: _hyper.distinct(per[n])[1] for n in names}
+    rows_of = {}  # leaves given the same specs share one capacity computation
     for i, leaf in enumerate(leaves):
-      rows, _ = _hyper.plan(
-        rule, {n: _per_step([per[n][i]]) for n in names}, [dict.fromkeys(names, 0)], max_steps, api
-      )
-      state, ok = rule.init(jnp.asarray(leaf), rows[0])
+      combo = tuple(index[n][i] for n in names)
+      if combo not in rows_of:
+        per_step = {n: _per_step([per[n][i]]) for n in names}
+        rows_of[combo] = _hyper.plan(rule, per_step, [dict.fromkeys(names, 0)], max_steps, api)[0]
+      state, ok = rule.init(jnp.asarray(leaf), rows_of[combo][0])
       states.append(state)
       oks.append(jnp.all(ok))
     checked = jnp.zeros((), jnp.int32)
@@ -257,8 +260,8 @@ def transformation(
     new_prints = state.prints
     if prints:
       row = jnp.stack(prints)[None]
-      new_prints = jax.lax.dynamic_update_slice(
-        state.prints, row, (jnp.minimum(t, max_steps - 1), 0, 0)
+      new_prints = jax.lax.dynamic_update_index_in_dim(
+        state.prints, row[0], jnp.minimum(t, max_steps - 1), 0
       )
     dtypes = [jnp.asarray(g).dtype for g in grads]
     new_state = _pack(rule, treedef, new_states, dtypes, t + 1, new_prints, log, error)
@@ -301,8 +304,8 @@ def transformation(
     checked = checked + _errors.raise_on_failure(
       codes, labels, api + " inverse", step=t, token=True
     )
-    prints = jax.lax.dynamic_update_slice(
-      state.prints, jnp.zeros((1,) + state.prints.shape[1:], jnp.uint32), (jnp.maximum(t, 0), 0, 0)
+    prints = jax.lax.dynamic_update_index_in_dim(
+      state.prints, jnp.zeros(state.prints.shape[1:], jnp.uint32), jnp.maximum(t, 0), 0
     )
     previous = _pack(rule, treedef, states, dtypes, t, prints, log, state.error + checked)
     return previous, treedef.unflatten(params)
