@@ -138,8 +138,8 @@ def run() -> list[dict]:
     module = _load(kind)
     loader = unittest.TestLoader()
     suite = unittest.TestSuite()
-    for case in vars(module).values():
-      if isinstance(case, type) and issubclass(case, unittest.TestCase):
+    for case in vars(module).values():  # the generic classes (not e.g. LBFGSTest)
+      if isinstance(case, type) and case.__name__ in ("AliasTest", "ContribTest"):
         for name in loader.getTestCaseNames(case):
           if name.startswith(prefixes):
             suite.addTest(case(name))

@@ -10,8 +10,9 @@ per step), and the per-element hypergradients equal the float scan oracle's.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracle
 from conftest import cross_entropy, digits_data, init_mlp
-from oracle import assert_tree_close, scan_train
+from oracle import assert_tree_close
 
 import revoptax
 
@@ -45,31 +46,17 @@ def val_loss_fn(num_steps, train_fn):
   params = init_mlp(jax.random.key(0))
 
   def val_loss(hp):
-    trained = train_fn(loss_fn, params, hp, (xb, yb), num_steps)
+    trained = train_fn(loss_fn, params, hp, (xb, yb), num_steps, learning_rate, momentum)
     return cross_entropy(trained, xv, yv)
 
   return val_loss, per_element(params)
 
 
-def revoptax_train(loss_fn, params, hp, batches, num_steps):
-  return revoptax.train(
-    loss_fn,
-    params,
-    hp,
-    batches,
-    num_steps=num_steps,
-    learning_rate=learning_rate,
-    momentum=momentum,
-    rule=revoptax.MomentumSGDRule(momentum_floor=FLOOR),
-  )
-
-
-def oracle_train(loss_fn, params, hp, batches, num_steps):
-  return scan_train(loss_fn, params, hp, batches, num_steps, learning_rate, momentum)
+REVOPTAX = oracle.revoptax_train_fn(momentum_floor=FLOOR)
 
 
 def temp_bytes(num_steps):
-  val_loss, hp = val_loss_fn(num_steps, revoptax_train)
+  val_loss, hp = val_loss_fn(num_steps, REVOPTAX)
   compiled = jax.jit(jax.grad(val_loss)).lower(hp).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
@@ -81,8 +68,8 @@ def test_temp_memory_of_per_element_schedules_does_not_grow_with_the_horizon():
 
 def test_per_element_hypergradients_equal_the_scan_oracle():
   num_steps = 40
-  got_fn, hp = val_loss_fn(num_steps, revoptax_train)
-  want_fn, _ = val_loss_fn(num_steps, oracle_train)
+  got_fn, hp = val_loss_fn(num_steps, REVOPTAX)
+  want_fn, _ = val_loss_fn(num_steps, oracle.scan_train_fn())
   got = jax.jit(jax.grad(got_fn))(hp)
   want = jax.jit(jax.grad(want_fn))(hp)
   # float32 through 40 steps; per element, relative to each leaf's largest entry.
