@@ -69,14 +69,11 @@ def float_step(schedule, data, hp, carry, t):
   w, v = carry
   b = t % batches.shape[0]
   g = jax.grad(common.train_loss)(w, hp, (batches[b], labels[b]))
-  alpha = lr(hp, t)
-  gamma = mom(hp, t)
-  alpha = (
-    jax.tree.map(lambda a: a, alpha)
-    if isinstance(alpha, dict)
-    else jax.tree.map(lambda _: alpha, w)
-  )
-  gamma = gamma if isinstance(gamma, dict) else jax.tree.map(lambda _: gamma, w)
+
+  def per_leaf(value):  # a scalar schedule value, or one per leaf already
+    return value if isinstance(value, dict) else jax.tree.map(lambda _: value, w)
+
+  alpha, gamma = per_leaf(lr(hp, t)), per_leaf(mom(hp, t))
   rule = common.RULE
 
   def one(w, v, g, a, m):
@@ -96,9 +93,16 @@ def float_step(schedule, data, hp, carry, t):
 def objective(method, schedule, params, data, validation, num_steps, before):
   lr, mom = SCHEDULES[schedule]
 
+  # The two versions differ in how the momentum floor is given.
+  versions = {
+    "after": (revoptax, {"rule": revoptax.MomentumSGDRule(momentum_floor=0.5)}),
+    "before": (before, {"momentum_floor": 0.5}),
+  }
+
   def f(hp):
-    if method == "after":
-      final = revoptax.train(
+    if method in versions:
+      lib, floor = versions[method]
+      final = lib.train(
         common.train_loss,
         params,
         hp,
@@ -106,18 +110,7 @@ def objective(method, schedule, params, data, validation, num_steps, before):
         num_steps=num_steps,
         learning_rate=lr,
         momentum=mom,
-        rule=revoptax.MomentumSGDRule(momentum_floor=0.5),
-      )
-    elif method == "before":
-      final = before.train(
-        common.train_loss,
-        params,
-        hp,
-        data,
-        num_steps=num_steps,
-        learning_rate=lr,
-        momentum=mom,
-        momentum_floor=0.5,
+        **floor,
       )
     else:
       step = partial(float_step, schedule, data, hp)
