@@ -4,7 +4,8 @@ Hypergradients through whole training runs by running training backwards
 exactly (Maclaurin, Duvenaud & Adams, ICML 2015).
 """
 
-from revoptax._alias import reversible_sgd
+from revoptax._adam import AdamRule, AdamState
+from revoptax._alias import reversible_adam, reversible_adamw, reversible_sgd
 from revoptax._determinism import fingerprint, isolated
 from revoptax._errors import ReversibilityError
 from revoptax._fixed_point import Fixed, FixedPointFormat
@@ -31,6 +32,8 @@ def __getattr__(name):
 
 
 __all__ = [
+  "AdamRule",
+  "AdamState",
   "Fixed",
   "FixedPointFormat",
   "MomentumSGDRule",
@@ -44,6 +47,8 @@ __all__ = [
   "fingerprint",
   "isolated",
   "momentum_above",
+  "reversible_adam",
+  "reversible_adamw",
   "reversible_optimizer",
   "reversible_sgd",
   "train",

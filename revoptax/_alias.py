@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from revoptax._adam import AdamRule
 from revoptax._optax import ReversibleTransformation, transformation
 from revoptax._sgd import MomentumSGDRule
 
@@ -82,4 +83,157 @@ def reversible_sgd(
   api = "revoptax.reversible_sgd"
   rule = MomentumSGDRule() if rule is None else rule
   specs = {"learning_rate": learning_rate, "momentum": momentum}
+  return transformation(rule, specs, max_steps, param_log_capacity, on_error, api)
+
+
+_COMMON_ARGS = """
+    max_steps: updates the buffer and the fingerprints must hold (static).
+    nesterov: must be False: Nesterov's update reads the gradient itself, so
+      the weights could not be undone before the gradient at them is known.
+    rule: the :class:`revoptax.AdamRule` with the fixed-point formats and the
+      floors that size the buffer for schedules that cannot be evaluated ahead.
+    param_log_capacity, on_error: as for :func:`revoptax.reversible_sgd`.
+"""
+
+
+def _adam_rule(rule, decoupled: bool, nesterov: bool, api: str) -> AdamRule:
+  if nesterov:
+    raise ValueError(
+      f"{api}: nesterov=True is not exactly reversible: its update reads the gradient at the "
+      "weights it changes, so the weights cannot be undone first. Use nesterov=False."
+    )
+  rule = AdamRule(decoupled_weight_decay=decoupled) if rule is None else rule
+  if not isinstance(rule, AdamRule) or rule.decoupled_weight_decay != decoupled:
+    want = "AdamRule(decoupled_weight_decay=True)" if decoupled else "AdamRule()"
+    raise TypeError(f"{api}: rule must be a revoptax.{want}, got {rule!r}.")
+  return rule
+
+
+def reversible_adam(
+  learning_rate,
+  b1=0.9,
+  b2=0.999,
+  eps=1e-8,
+  eps_root=0.0,
+  *,
+  max_steps: int,
+  nesterov: bool = False,
+  rule: AdamRule | None = None,
+  param_log_capacity: int | None = None,
+  on_error: str = "raise",
+) -> ReversibleTransformation:
+  (
+    r"""Exactly reversible Adam (Kingma & Ba, 2015): ``optax.adam`` with an exact inverse.
+
+  .. math::
+
+    m_{t+1} = b_1 m_t + (1 - b_1) g_t, \quad
+    \nu_{t+1} = b_2 \nu_t + (1 - b_2) g_t^2, \quad
+    w_{t+1} = w_t - \alpha \frac{m_{t+1} / (1 - b_1^{t+1})}
+      {\sqrt{\nu_{t+1} / (1 - b_2^{t+1}) + \epsilon_{root}} + \epsilon}
+
+  computed exactly (:class:`revoptax.AdamRule`): the bits that multiplying
+  the moments by ``b1`` and ``b2`` destroys go to an information buffer,
+  ``log2(1 / b1) + log2(1 / b2)`` bits per parameter per step.  ``b1`` and
+  ``b2`` are applied within ``2**-33`` of the values given.  The state's
+  ``exact.mu`` and ``exact.nu`` mirror ``optax.adam``'s ``mu`` and ``nu``.
+
+  Args:
+    learning_rate: a positive float, an array, an Optax schedule, or a pytree
+      of those (a prefix of the params) for per-layer rates.
+    b1, b2: decay rates of the moments, in ``[1/4, 1)``, in the same forms.
+    eps, eps_root: non-negative, in the same forms.
+  """
+    + _COMMON_ARGS
+    + r"""
+  Returns:
+    A :class:`ReversibleTransformation` whose state is a :class:`revoptax.ReversibleState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, revoptax
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = revoptax.reversible_adam(0.1, max_steps=10)
+    >>> state = tx.init(params)
+    >>> grad_fn = jax.grad(lambda p: jnp.sum(p["w"] ** 2))
+    >>> updates, state = tx.update(grad_fn(params), state, params)
+    >>> [round(x, 6) for x in optax.apply_updates(params, updates)["w"].tolist()]
+    [0.9, 0.9, 0.9]
+    >>> previous_state, previous_params = tx.inverse(state, grad_fn)
+    >>> previous_params["w"].tolist()
+    [1.0, 1.0, 1.0]
+
+  References:
+    Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015,
+    https://arxiv.org/abs/1412.6980
+  """
+  )
+  api = "revoptax.reversible_adam"
+  rule = _adam_rule(rule, False, nesterov, api)
+  specs = {"learning_rate": learning_rate, "b1": b1, "b2": b2, "eps": eps, "eps_root": eps_root}
+  return transformation(rule, specs, max_steps, param_log_capacity, on_error, api)
+
+
+def reversible_adamw(
+  learning_rate,
+  b1=0.9,
+  b2=0.999,
+  eps=1e-8,
+  eps_root=0.0,
+  weight_decay=1e-4,
+  *,
+  max_steps: int,
+  nesterov: bool = False,
+  rule: AdamRule | None = None,
+  param_log_capacity: int | None = None,
+  on_error: str = "raise",
+) -> ReversibleTransformation:
+  (
+    r"""Exactly reversible AdamW (Loshchilov & Hutter, 2019): ``optax.adamw`` with an exact
+  inverse.
+
+  :func:`reversible_adam` with decoupled weight decay: each step first
+  multiplies the weights by ``1 - learning_rate * weight_decay`` exactly
+  (through the buffer, within ``2**-33`` of the value), then applies Adam's
+  update.  A per-leaf ``weight_decay`` pytree with ``0.0`` where decay is off
+  does what ``optax.adamw``'s ``mask`` does.
+
+  Args:
+    learning_rate: a positive float, an array, an Optax schedule, or a pytree
+      of those (a prefix of the params) for per-layer rates.
+    b1, b2: decay rates of the moments, in ``[1/4, 1)``, in the same forms.
+    eps, eps_root: non-negative, in the same forms.
+    weight_decay: non-negative, with ``learning_rate * weight_decay <= 3/4``.
+  """
+    + _COMMON_ARGS.replace("revoptax.AdamRule`", "revoptax.AdamRule` (decoupled)")
+    + r"""
+  Returns:
+    A :class:`ReversibleTransformation` whose state is a :class:`revoptax.ReversibleState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, revoptax
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = revoptax.reversible_adamw(0.1, weight_decay=0.5, max_steps=10)
+    >>> state = tx.init(params)
+    >>> grad_fn = jax.grad(lambda p: jnp.sum(p["w"] ** 2))
+    >>> updates, state = tx.update(grad_fn(params), state, params)
+    >>> [round(x, 6) for x in optax.apply_updates(params, updates)["w"].tolist()]  # 0.95 - 0.1
+    [0.85, 0.85, 0.85]
+    >>> tx.inverse(state, grad_fn)[1]["w"].tolist()
+    [1.0, 1.0, 1.0]
+
+  References:
+    Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019,
+    https://arxiv.org/abs/1711.05101
+  """
+  )
+  api = "revoptax.reversible_adamw"
+  rule = _adam_rule(rule, True, nesterov, api)
+  specs = {
+    "learning_rate": learning_rate,
+    "b1": b1,
+    "b2": b2,
+    "eps": eps,
+    "eps_root": eps_root,
+    "weight_decay": weight_decay,
+  }
   return transformation(rule, specs, max_steps, param_log_capacity, on_error, api)

@@ -65,6 +65,7 @@ _SPILL_AT = 1 << 56
 _LOSS_BITS_PER_STEP = 2.0**-16
 _SPREAD_BITS_PER_ROOT_STEP = 0.03
 _SPREAD_BITS = 4.0
+_SPREAD_DEVIATIONS = 6.0
 
 
 class BufferState(NamedTuple):
@@ -118,7 +119,7 @@ def bits_per_step(n, momentum_bits: int):
   return momentum_bits - jnp.log2(jnp.asarray(n, jnp.float32))
 
 
-def capacity_for(total_bits: float, num_steps: int) -> int:
+def capacity_for(total_bits: float, num_steps: int, variance: float = 0.0) -> int:
   """Rows of stack needed for ``num_steps`` steps costing ``total_bits`` in all.
 
   The rule: each element's head starts at 32 bits and gains ``log2(1/gamma_t)``
@@ -126,10 +127,13 @@ def capacity_for(total_bits: float, num_steps: int) -> int:
   its largest head reaches 56 bits, so its ``j``-th spill happens when the
   largest head has gained ``24 + 32 (j - 1)`` bits.  With ``B`` a bound on the
   largest gain, ``total_bits + T 2**-16 + 4 + 0.03 sqrt(T)``, the rows needed
-  are ``floor((B - 24) / 32) + 1`` (at least one).  Exceeding it is detected
-  and reported, never wrapped.
+  are ``floor((B - 24) / 32) + 1`` (at least one).  Operations whose cost is
+  random per element (the rounding bits of :mod:`revoptax._scale`) add six
+  standard deviations, ``6 sqrt(variance)``, to ``B``.  Exceeding it is
+  detected and reported, never wrapped.
   """
   spread = _SPREAD_BITS + _SPREAD_BITS_PER_ROOT_STEP * math.sqrt(num_steps)
+  spread += _SPREAD_DEVIATIONS * math.sqrt(max(float(variance), 0.0))
   largest_gain = float(total_bits) + num_steps * _LOSS_BITS_PER_STEP + spread
   return max(1, math.floor((largest_gain - 24.0) / 32.0) + 1)
 
@@ -263,9 +267,16 @@ def push_pop(value, head, n, momentum_bits: int):
   """``(v', head')`` of one multiplication: ``int64`` v, ``uint64`` head (not yet spilled)."""
   k = momentum_bits
   n = jnp.asarray(n, U32)
+  s, head = pop_symbol(head, (value & ((1 << k) - 1)).astype(U32), n, k)
+  return (value >> k) * n.astype(I64) + s.astype(I64), head  # floor(v / 2**k) * n + s
+
+
+def pop_symbol(head, r, n, momentum_bits: int):
+  """``(s, head')``: push the ``k`` low bits ``r`` (uint32) onto ``head`` and pop a digit
+  ``s`` in ``[0, n)`` (uint32), the buffer half of :func:`push_pop`."""
+  k = momentum_bits
   a, rr, boundary = _symbol_table(n, k)  # per leaf, before broadcasting
   inv_a, inv_a1 = _reciprocal(a), _reciprocal(a + 1)
-  r = (value & ((1 << k) - 1)).astype(U32)
   # X = head * 2**k + r;  c = X mod M (24 bits);  X // M = head >> 8.
   c = ((head & 0xFF).astype(U32) << k) | r
   first = c < boundary
@@ -275,16 +286,13 @@ def push_pop(value, head, n, momentum_bits: int):
   s = materialize(jnp.where(first, s, rr + s))  # one symbol for both outputs
   f, cdf = _freq_cdf(s, a, rr, boundary)
   # rANS decode: head' = f * (X // M) + c - cdf < f * 2**48 <= 2**64 for head < 2**56.
-  head = f.astype(U64) * (head >> 8) + (c - cdf).astype(U64)
-  return (value >> k) * n.astype(I64) + s.astype(I64), head  # floor(v / 2**k) * n + s
+  return s, f.astype(U64) * (head >> 8) + (c - cdf).astype(U64)
 
 
 def pop_push(value, head, n, momentum_bits: int):
   """Inverse of :func:`push_pop`: ``(v, head)`` from ``(v', head')``."""
   k = momentum_bits
   n = jnp.asarray(n, U32)
-  a, rr, boundary = _symbol_table(n, k)
-  inv_a, inv_a1 = _reciprocal(a), _reciprocal(a + 1)
   # Signed floor divmod of v' by n: for negative v', use ~v' = -v' - 1 >= 0.
   # Only the quotients are materialized; remainders are re-derived from them.
   neg = value < 0
@@ -293,12 +301,20 @@ def pop_push(value, head, n, momentum_bits: int):
   rem = (mag - q * n.astype(I64)).astype(U32)
   s = jnp.where(neg, n - 1 - rem, rem)
   q = jnp.where(neg, ~q, q)
+  r, head = push_symbol(head, s, n, k)
+  return (q << k) | r.astype(I64), head
+
+
+def push_symbol(head, s, n, momentum_bits: int):
+  """Inverse of :func:`pop_symbol`: ``(r, head)`` from ``(s, head')``."""
+  k = momentum_bits
+  a, rr, boundary = _symbol_table(n, k)
+  inv_a, inv_a1 = _reciprocal(a), _reciprocal(a + 1)
   # rANS encode of s: X // M = head // f, X mod M = head mod f + cdf.
   f, cdf = _freq_cdf(s, a, rr, boundary)
   shifted = materialize(_quotient_long(head, f, jnp.where(s < rr, inv_a1, inv_a)).astype(U64))
   c = materialize((head - shifted * f.astype(U64)).astype(U32) + cdf)
-  head = (shifted << 8) | (c >> k).astype(U64)
-  return (q << k) | (c & ((1 << k) - 1)).astype(I64), head
+  return c & ((1 << k) - 1), (shifted << 8) | (c >> k).astype(U64)
 
 
 def spill(buf: BufferState, head, step):

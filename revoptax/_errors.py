@@ -46,6 +46,45 @@ MESSAGES = {
     "momentum of leaf {leaf} at step {step} is below the momentum floor the information "
     "buffer was sized for, so the buffer would run out. {floor_fix}"
   ),
+  "b1": (
+    "b1 of leaf {leaf} at step {step} is outside [0.25, 1) or not finite. If it is learned, "
+    "parametrize it to stay inside, e.g. b1=lambda hp, t: revoptax.momentum_above(0.5, hp['b1'])."
+  ),
+  "b2": (
+    "b2 of leaf {leaf} at step {step} is outside [0.25, 1) or not finite. If it is learned, "
+    "parametrize it to stay inside, e.g. b2=lambda hp, t: revoptax.momentum_above(0.9, hp['b2'])."
+  ),
+  "decay": (
+    "decay of leaf {leaf} at step {step} is outside [0.25, 1) or not finite. If it is learned, "
+    "parametrize it to stay inside, e.g. revoptax.momentum_above(0.5, hp['decay'])."
+  ),
+  "b1_floor": (
+    "b1 of leaf {leaf} at step {step} is below the b1_floor the information buffer was sized "
+    "for, so the buffer would run out. Keep it above by construction (revoptax.momentum_above) "
+    "or lower the rule's b1_floor."
+  ),
+  "b2_floor": (
+    "b2 of leaf {leaf} at step {step} is below the b2_floor the information buffer was sized "
+    "for, so the buffer would run out. Keep it above by construction (revoptax.momentum_above) "
+    "or lower the rule's b2_floor."
+  ),
+  "decay_floor": (
+    "decay of leaf {leaf} at step {step} is below the decay_floor the information buffer was "
+    "sized for, so the buffer would run out. Keep it above by construction "
+    "(revoptax.momentum_above) or lower the rule's decay_floor."
+  ),
+  "eps": "eps of leaf {leaf} at step {step} is negative or not finite; it must be >= 0.",
+  "eps_root": "eps_root of leaf {leaf} at step {step} is negative or not finite; it must be >= 0.",
+  "weight_decay": (
+    "weight_decay of leaf {leaf} at step {step} is negative or not finite, or learning_rate * "
+    "weight_decay exceeds 0.75 (the decay multiplies the weights by 1 - learning_rate * "
+    "weight_decay, which must stay in [0.25, 1])."
+  ),
+  "decay_ceiling": (
+    "learning_rate * weight_decay of leaf {leaf} at step {step} is above the decay_ceiling the "
+    "information buffer was sized for, so the buffer would run out. Raise the rule's "
+    "decay_ceiling, or bound the learned values by construction."
+  ),
   "nonfinite": (
     "the training gradient of leaf {leaf} is not finite at step {step}. Check loss_fn for "
     "NaN/inf, lower the learning rate, or clip gradients inside loss_fn."

@@ -220,6 +220,7 @@ def plan(rule, per_steps: Mapping[str, Callable], combos, num_steps: int, api: s
   chunks.update({k: concrete_chunks(fn, num_steps) for k, fn in per_steps.items()})
   learned = {k: it is None for k, it in chunks.items()}
   totals = [0.0] * len(combos)
+  variances = [0.0] * len(combos)
   done = 0
   while done < num_steps:
     steps = min(_CHUNK_STEPS, num_steps - done)
@@ -228,10 +229,12 @@ def plan(rule, per_steps: Mapping[str, Callable], combos, num_steps: int, api: s
       mine = {k: None if v is None else v[combo[k]] for k, v in values.items()}
       if not all(learned.values()):
         _check_concrete(rule, mine, learned, done, api)
-      bits = np.asarray(rule.bits_per_step(mine), np.float64)
-      totals[c] += float(np.broadcast_to(bits, (steps,)).sum())
+      mean, variance = (np.asarray(x, np.float64) for x in rule.bits_per_step(mine))
+      totals[c] += float(np.broadcast_to(mean, (steps,)).sum())
+      variances[c] += float(np.broadcast_to(variance, (steps,)).sum())
     done += steps
-  return [buffer_lib.capacity_for(total, num_steps) for total in totals], learned
+  rows = [buffer_lib.capacity_for(t, num_steps, v) for t, v in zip(totals, variances)]
+  return rows, learned
 
 
 def _check_concrete(rule, values, learned, first_step, api):
@@ -244,20 +247,37 @@ def _check_concrete(rule, values, learned, first_step, api):
   with jax.ensure_compile_time_eval():
     failed = jax.vmap(checks)(known)
   for category, bad in failed.items():
-    name_text = _CONCRETE.get(category)
+    names_text = _CONCRETE.get(category)
     bad = np.asarray(bad)
-    if name_text is None or name_text[0] not in known or not bad.any():
+    if names_text is None or any(n not in known for n in names_text[0]) or not bad.any():
       continue
-    name, text = name_text
+    (name, *_), text = names_text
     t = int(np.argmax(bad))
     value = np.asarray(known[name][t])
     shown = value.item() if value.size == 1 else f"values in [{value.min()}, {value.max()}]"
     raise ValueError(f"{api}: {text}, got {shown} at step {first_step + t}.")
 
 
-# Hyperparameter checks that a concrete value fails before the run: (name, message).
+# Hyperparameter checks that concrete values fail before the run: (names the check reads,
+# the first one shown; message).
 _CONCRETE = {
-  "learning_rate": ("learning_rate", "learning_rate must be positive and finite"),
-  "momentum": ("momentum", "momentum must lie strictly between 0 and 1"),
-  "momentum_floor": ("momentum", "momentum is below momentum_floor"),
+  "learning_rate": (("learning_rate",), "learning_rate must be positive and finite"),
+  "momentum": (("momentum",), "momentum must lie strictly between 0 and 1"),
+  "momentum_floor": (("momentum",), "momentum is below momentum_floor"),
+  "b1": (("b1",), "b1 must lie in [0.25, 1)"),
+  "b2": (("b2",), "b2 must lie in [0.25, 1)"),
+  "b1_floor": (("b1",), "b1 is below b1_floor"),
+  "b2_floor": (("b2",), "b2 is below b2_floor"),
+  "eps": (("eps",), "eps must be non-negative and finite"),
+  "eps_root": (("eps_root",), "eps_root must be non-negative and finite"),
+  "weight_decay": (
+    ("weight_decay", "learning_rate"),
+    "weight_decay must be non-negative and finite, with learning_rate * weight_decay <= 0.75",
+  ),
+  "decay_ceiling": (
+    ("weight_decay", "learning_rate"),
+    "learning_rate * weight_decay is above decay_ceiling",
+  ),
+  "decay": (("decay",), "decay must lie in [0.25, 1)"),
+  "decay_floor": (("decay",), "decay is below decay_floor"),
 }

@@ -141,6 +141,7 @@ def transformation(
 ) -> ReversibleTransformation:
   """:func:`reversible_optimizer` naming ``api`` in its messages (for the factories)."""
   _check_options(rule, specs, max_steps, on_error, api)
+  specs = {**{n: v for n, v in rule.defaults.items() if n not in specs}, **specs}
   names = tuple(rule.hyperparameters)
   for name in names:  # concrete values are checked now, before any params
     leaves = jax.tree.leaves(specs[name], is_leaf=callable)
@@ -324,7 +325,7 @@ def _check_options(rule, specs, max_steps, on_error, api):
     raise ValueError(f"{api}: on_error must be 'raise' or 'nan', got {on_error!r}.")
   if not isinstance(max_steps, (int, np.integer)) or isinstance(max_steps, bool) or max_steps <= 0:
     raise ValueError(f"{api}: max_steps must be a positive int, got {max_steps!r}.")
-  missing = [n for n in rule.hyperparameters if n not in specs]
+  missing = [n for n in rule.hyperparameters if n not in specs and n not in rule.defaults]
   unknown = [n for n in specs if n not in rule.hyperparameters]
   if missing or unknown:
     raise TypeError(

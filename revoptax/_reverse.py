@@ -2,7 +2,7 @@
 
 Undoing step ``t`` (Maclaurin et al. 2015, Algorithm 2, for any rule)::
 
-    state = undo_params(rule, state_{t+1}, h_t)          w_t, exact
+    state = undo_params(rule, state_{t+1}, h_t, t)       w_t, exact
     g_t   = gradient(params(state))                      recomputed
     state = undo_state(rule, state, g_t, h_t, t)         the rest of state_t, exact
 
@@ -25,9 +25,9 @@ from revoptax._determinism import fingerprint_all
 from revoptax._fixed_point import _compute_dtype
 
 
-def undo_params(rule, state, hp: Mapping, dtype):
-  """The state with the weights of before the step (``rule.unstep_params``)."""
-  return rule.unstep_params(state, hp, dtype)
+def undo_params(rule, state, hp: Mapping, t, dtype, clear_popped: bool = False):
+  """The state with the weights of before step ``t`` (``rule.unstep_params``)."""
+  return rule.unstep_params(state, hp, t, dtype, clear_popped=clear_popped)
 
 
 def undo_state(rule, state, grad, hp: Mapping, t, clear_popped: bool = False):
@@ -52,7 +52,7 @@ def reverse_step(
 
   Popped buffer rows are cleared, so the states equal the ones before the step.
   """
-  states = [undo_params(rule, s, hp, d) for s, hp, d in zip(states, hps, dtypes)]
+  states = [undo_params(rule, s, hp, t, d, True) for s, hp, d in zip(states, hps, dtypes)]
   params, grads = gradient([rule.params(s, d) for s, d in zip(states, dtypes)])
   states = [
     undo_state(rule, s, g, hp, t, clear_popped=True) for s, g, hp in zip(states, grads, hps)
@@ -60,14 +60,15 @@ def reverse_step(
   return states, params, grads
 
 
-def step_vjp(rule, state, grad, hp: Mapping, cotangents, dtype):
-  """VJP of the float step at ``state`` (before the step) and ``grad``.
+def step_vjp(rule, state, grad, hp: Mapping, t, cotangents, dtype):
+  """VJP of the float step ``t`` at ``state`` (before the step) and ``grad``.
 
   Args:
     rule: the rule.
     state: the exact state before the step.
     grad: the gradient the step used.
     hp: the hyperparameter values of the step (before :meth:`applied`).
+    t: the step.
     cotangents: ``(d_w, d_opt_state)`` of the step's output.
     dtype: the params' dtype.
 
@@ -79,7 +80,7 @@ def step_vjp(rule, state, grad, hp: Mapping, cotangents, dtype):
   opt = rule.float_state(state, cd)
 
   def step(w, opt, g, hp):
-    return rule.float_step(w, opt, g, rule.applied(hp, cd))
+    return rule.float_step(w, opt, g, rule.applied(hp, cd), t)
 
   _, vjp = jax.vjp(step, w, opt, grad.astype(cd), dict(hp))
   return vjp(cotangents)

@@ -9,8 +9,8 @@ update is a function of the state *after* the step while the gradient is a
 function of the weights *before* it::
 
     state_{t+1} = step(state_t, g(w_t), h_t, t)
-    w_t         = params(unstep_params(state_{t+1}, h_t))
-    state_t     = unstep_state(unstep_params(state_{t+1}, h_t), g(w_t), h_t, t)
+    w_t         = params(unstep_params(state_{t+1}, h_t, t))
+    state_t     = unstep_state(unstep_params(state_{t+1}, h_t, t), g(w_t), h_t, t)
 
 ``h_t`` maps each name in :attr:`ReversibleRule.hyperparameters` to its value
 at step ``t`` (broadcastable to the leaf).  :func:`revoptax.train` and the
@@ -61,12 +61,15 @@ class ReversibleRule(Protocol):
     hyperparameters: names of the per-step hyperparameters ``h_t``, e.g.
       ``("learning_rate", "momentum")``; the keyword arguments of
       :func:`revoptax.train` and of the Optax factory.
+    defaults: values of the hyperparameters that may be left out (e.g.
+      ``{"b1": 0.9}``), as constants.
     state_names: names of the optimizer-state quantities besides the weights
       (e.g. ``("velocity",)``), in the order :meth:`float_state` returns them.
     fixed: the fixed-point format of the weights and the state.
   """
 
   hyperparameters: tuple[str, ...]
+  defaults: Mapping[str, float]
   state_names: tuple[str, ...]
   fixed: FixedPointFormat
 
@@ -83,8 +86,14 @@ class ReversibleRule(Protocol):
   def step(self, state, grad, hp: Mapping[str, jax.Array], t) -> tuple[Any, StepFlags]:
     """One exact forward step at hyperparameters ``hp`` (values at step ``t``)."""
 
-  def unstep_params(self, state, hp: Mapping[str, jax.Array], dtype) -> Any:
-    """``state`` with the weights of before the step (exact), the rest unchanged."""
+  def unstep_params(
+    self, state, hp: Mapping[str, jax.Array], t, dtype, clear_popped: bool = False
+  ) -> Any:
+    """``state`` with the weights of before step ``t`` (exact), the optimizer state unchanged.
+
+    A rule whose weights are also multiplied (decoupled weight decay) pops
+    their buffer bits here; popped rows are cleared only with ``clear_popped``.
+    """
 
   def unstep_state(self, state, grad, hp: Mapping[str, jax.Array], t) -> Any:
     """The state before the step, from :meth:`unstep_params`'s result and ``g(w_t)``.
@@ -97,8 +106,8 @@ class ReversibleRule(Protocol):
     """The hyperparameter values the exact step applies (e.g. a quantized momentum),
     as floats of ``dtype``, differentiable with respect to ``hp`` (straight-through)."""
 
-  def float_step(self, w, opt_state: tuple, grad, hp: Mapping[str, jax.Array]) -> tuple:
-    """The same step in plain floats at the :meth:`applied` values: ``(w', opt_state')``.
+  def float_step(self, w, opt_state: tuple, grad, hp: Mapping[str, jax.Array], t) -> tuple:
+    """Step ``t`` in plain floats at the :meth:`applied` values: ``(w', opt_state')``.
 
     Used for the vector-Jacobian products of the backward pass.
     """
@@ -108,6 +117,8 @@ class ReversibleRule(Protocol):
     :data:`revoptax._errors.MESSAGES` (``learned``: which values are traced, so sized
     for a floor)."""
 
-  def bits_per_step(self, values: Mapping[str, np.ndarray | None]) -> np.ndarray:
-    """Buffer bits per element of each step, at most: ``float64[T]`` from concrete
-    values ``[T, ...]`` of each hyperparameter (``None``: learned, so the rule's floor)."""
+  def bits_per_step(self, values: Mapping[str, np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, variance)`` of the buffer bits per element of each step, for the worst
+    element: ``float64[T]`` (or scalars) from concrete values ``[T, ...]`` of each
+    hyperparameter (``None``: learned, so the rule's floor).  The variance is that of
+    costs that are random per element (0 for momentum SGD)."""

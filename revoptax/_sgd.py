@@ -24,6 +24,7 @@ per element per step.
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -92,6 +93,7 @@ class MomentumSGDRule:
   momentum_floor: float | None = None
 
   hyperparameters = ("learning_rate", "momentum")
+  defaults = types.MappingProxyType({})
   state_names = ("velocity",)
 
   def __post_init__(self):
@@ -152,7 +154,8 @@ class MomentumSGDRule:
     """``(Q(alpha F(v)), ok)`` for the ``int64`` velocity ``v`` (inside ``exact_scope``)."""
     return self.fixed.quantize(jnp.asarray(alpha, cd) * self.fixed.dequantize(v, cd))
 
-  def unstep_params(self, state: MomentumSGDState, hp: Mapping, dtype):
+  def unstep_params(self, state: MomentumSGDState, hp: Mapping, t, dtype, clear_popped=False):
+    del t, clear_popped  # the weight update reads only v, and no buffer is involved
     cd = _compute_dtype(dtype)
     with exact_scope():
       dw, _ = self._weight_update(join(state.v), hp["learning_rate"], cd)
@@ -177,7 +180,8 @@ class MomentumSGDRule:
     }
 
   @staticmethod
-  def float_step(w, opt_state, grad, hp: Mapping):
+  def float_step(w, opt_state, grad, hp: Mapping, t=None):
+    del t
     (v,) = opt_state
     gamma = hp["momentum"]
     v = gamma * v - (1 - gamma) * grad
@@ -200,9 +204,9 @@ class MomentumSGDRule:
   def bits_per_step(self, values: Mapping):
     gammas = values["momentum"]
     if gammas is None or self.momentum_floor is not None:
-      return np.asarray(self._bits(self._floor()))
+      return np.asarray(self._bits(self._floor())), np.zeros(())
     bits = self._bits(gammas)
-    return bits.reshape(bits.shape[0], -1).max(axis=1)
+    return bits.reshape(bits.shape[0], -1).max(axis=1), np.zeros(())
 
   def _bits(self, gamma):
     """``log2(2**k / n)`` in NumPy, with the quantization of :meth:`quantize_momentum`."""

@@ -165,6 +165,10 @@ def train(
   """
   rule = MomentumSGDRule() if rule is None else rule
   _check_options(rule, num_steps, on_drift, hyperparameters)
+  hyperparameters = {
+    **{n: _constant(v) for n, v in rule.defaults.items() if n not in hyperparameters},
+    **hyperparameters,
+  }
   leaves, treedef = jax.tree.flatten(params)
   if not leaves:
     raise ValueError(f"{API}: params has no leaves.")
@@ -245,7 +249,7 @@ def _check_options(rule, num_steps, on_drift, hyperparameters):
   if on_drift not in ("raise", "nan"):
     raise ValueError(f"{API}: on_drift must be 'raise' or 'nan', got {on_drift!r}.")
   expected = tuple(rule.hyperparameters)
-  missing = [n for n in expected if n not in hyperparameters]
+  missing = [n for n in expected if n not in hyperparameters and n not in rule.defaults]
   unknown = [n for n in hyperparameters if n not in expected]
   if missing or unknown:
     raise TypeError(
@@ -258,6 +262,11 @@ def _check_options(rule, num_steps, on_drift, hyperparameters):
         f"{API}: {name} must be a callable (hparams, t) -> value, got {fn!r}; "
         f"for a constant write {name}=lambda hp, t: {fn!r}."
       )
+
+
+def _constant(value):
+  """The schedule ``(hparams, t) -> value`` of a rule's default."""
+  return lambda hparams, t: value
 
 
 def _leading_axis(batches) -> int:
@@ -541,9 +550,9 @@ def _run_bwd(config: _Config, saved, cotangents):
     [s._replace(buffer=buffer_lib.init(s.buffer.head_lo.shape, 0)) for s in states]
   )
 
-  def undo_params(states, values):
+  def undo_params(states, values, t):
     return [
-      _reverse.undo_params(rule, s, _group_hp(config, values, g), g.dtype)
+      _reverse.undo_params(rule, s, _group_hp(config, values, g), t, g.dtype)
       for s, g in zip(states, groups)
     ]
 
@@ -579,7 +588,7 @@ def _run_bwd(config: _Config, saved, cotangents):
     new_d_w, new_d_opt, d_g = [], [], []
     for s, g_i, group, dw, dopt in zip(states, g, groups, d_w, d_opt):
       hp = _group_hp(config, values, group)
-      dw, dopt, dg, dhp = _reverse.step_vjp(rule, s, g_i, hp, (dw, dopt), group.dtype)
+      dw, dopt, dg, dhp = _reverse.step_vjp(rule, s, g_i, hp, t, (dw, dopt), group.dtype)
       new_d_w.append(dw)
       new_d_opt.append(tuple(dopt))
       d_g.append(dg.astype(g_i.dtype))
@@ -599,11 +608,8 @@ def _run_bwd(config: _Config, saved, cotangents):
     ]
     # Undo the weight update of step t - 1 (none before step 0).
     earlier_values = hyper(h_float, jnp.maximum(t - 1, 0))
-    earlier = undo_params(states, earlier_values)
-    states = [
-      s._replace(w=jax.tree.map(lambda new, old: jnp.where(t > 0, new, old), e.w, s.w))
-      for s, e in zip(states, earlier)
-    ]
+    earlier = undo_params(states, earlier_values, jnp.maximum(t - 1, 0))
+    states = [_select(t > 0, e, s) for s, e in zip(states, earlier)]
     carry = (
       states,
       _params(config, states),
@@ -617,7 +623,7 @@ def _run_bwd(config: _Config, saved, cotangents):
     return carry, None
 
   last_values = hyper(h_float, config.num_steps - 1)
-  states = undo_params(states, last_values)
+  states = undo_params(states, last_values, config.num_steps - 1)
   init = (states, _params(config, states), last_values, d_w, d_opt, d_h, d_b, drift0)
   (states, _, _, d_w, _, d_h, d_b, drift), _ = lax.scan(
     body, init, jnp.arange(config.num_steps), reverse=True, unroll=config.unroll
@@ -636,6 +642,17 @@ def _run_bwd(config: _Config, saved, cotangents):
     [None for _ in b_other],
     None,
   )
+
+
+def _select(pred, new, old):
+  """``new`` where ``pred`` else ``old``, field by field; the stack is ``new``'s (undoing
+  the weights leaves popped rows in place, so it is the same array)."""
+
+  def no_stack(s):
+    return s._replace(buffer=s.buffer._replace(stack=None))
+
+  chosen = jax.tree.map(lambda a, b: jnp.where(pred, a, b), no_stack(new), no_stack(old))
+  return chosen._replace(buffer=chosen.buffer._replace(stack=new.buffer.stack))
 
 
 def _check_reversal(config: _Config, states, params0, drift) -> jax.Array:
