@@ -146,10 +146,10 @@ _WIDE_ROUNDS = 16  # |D| < 2**88 for |V| < 2**94: 2**88 * 2**(-6 * 15) < 1, then
 
 
 def _rounded_product_wide(a, m):
-  """``D(V) = round(m V / 2**32)`` of an ``(h, l)`` pair with ``|V| < 2**94``, ``m <= 2**26``."""
-  h, l = a
-  carry_in = (m.astype(U64) * (l & 0xFFFFFFFF) + (1 << 31)) >> 32
-  low_part = m.astype(U64) * (l >> 32) + carry_in  # < 2**59
+  """``D(V) = round(m V / 2**32)`` of an ``(h, low)`` pair with ``|V| < 2**94``, ``m <= 2**26``."""
+  h, low = a
+  carry_in = (m.astype(U64) * (low & 0xFFFFFFFF) + (1 << 31)) >> 32
+  low_part = m.astype(U64) * (low >> 32) + carry_in  # < 2**59
   high_part = m * h  # |m h| < 2**56: contributes high_part * 2**32
   shifted_low = (high_part & 0xFFFFFFFF).astype(U64) << 32
   low = shifted_low + low_part
@@ -158,9 +158,9 @@ def _rounded_product_wide(a, m):
 
 def _coarse_multiply_wide(a, head, n):
   s, head = buffer_lib.pop_symbol(head, (a[1] & 0xFF).astype(U32), n, COARSE_BITS)
-  h, l = _wide.shift_right(a, COARSE_BITS)
+  h, low = _wide.shift_right(a, COARSE_BITS)
   n64 = n.astype(U64)
-  part0, part1 = (l & 0xFFFFFFFF) * n64, (l >> 32) * n64  # each < 2**40
+  part0, part1 = (low & 0xFFFFFFFF) * n64, (low >> 32) * n64  # each < 2**40
   low = part0 + ((part1 & 0xFFFFFFFF) << 32)
   high = h * n.astype(I64) + (part1 >> 32).astype(I64) + (low < part0).astype(I64)
   return _wide.add((high, low), (jnp.zeros_like(high), s.astype(U64))), head
@@ -168,25 +168,25 @@ def _coarse_multiply_wide(a, head, n):
 
 def _coarse_divide_wide(a, head, n):
   neg = a[0] < 0
-  h, l = _wide.where(neg, (~a[0], ~a[1]), a)  # ~V = -V - 1 >= 0
+  h, low = _wide.where(neg, (~a[0], ~a[1]), a)  # ~V = -V - 1 >= 0
   n64, inv = n.astype(I64), buffer_lib._reciprocal(n)
   q_high = buffer_lib._quotient_long(h.astype(U64), n, inv)
   rem = h - q_high * n64
-  q_mid = buffer_lib._quotient_long(((rem << 32) | (l >> 32).astype(I64)).astype(U64), n, inv)
-  rem = ((rem << 32) | (l >> 32).astype(I64)) - q_mid * n64
-  num = (rem << 32) | (l & 0xFFFFFFFF).astype(I64)
+  q_mid = buffer_lib._quotient_long(((rem << 32) | (low >> 32).astype(I64)).astype(U64), n, inv)
+  rem = ((rem << 32) | (low >> 32).astype(I64)) - q_mid * n64
+  num = (rem << 32) | (low & 0xFFFFFFFF).astype(I64)
   q_low = buffer_lib._quotient_long(num.astype(U64), n, inv)
   rem = (num - q_low * n64).astype(U32)
   q = (q_high, (q_mid.astype(U64) << 32) | q_low.astype(U64))
   q = _wide.where(neg, (~q[0], ~q[1]), q)
   s = jnp.where(neg, n - 1 - rem, rem)
   r, head = buffer_lib.push_symbol(head, s, n, COARSE_BITS)
-  h, l = _wide.shift_left(q, COARSE_BITS)
-  return (h, l | r.astype(U64)), head
+  h, low = _wide.shift_left(q, COARSE_BITS)
+  return (h, low | r.astype(U64)), head
 
 
 def multiply_wide(a, head, scale: Scale):
-  """:func:`multiply` of a 96-bit ``(h, l)`` pair."""
+  """:func:`multiply` of a 96-bit ``(h, low)`` pair."""
   n = scale.n.astype(U32)
   coarse, coarse_head = _coarse_multiply_wide(a, head, jnp.minimum(n, 255))
   skip = n == 256

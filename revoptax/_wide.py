@@ -44,23 +44,23 @@ class Wide(NamedTuple):
 
 
 def join(x: Wide):
-  """``(h, l)``: the ``int64`` high and ``uint64`` low parts of ``x`` (inside ``exact_scope``)."""
+  """``(h, low)``: the ``int64`` high and ``uint64`` low parts of ``x`` (inside ``exact_scope``)."""
   return x.hi.astype(I64), (x.mid.astype(U64) << 32) | x.lo.astype(U64)
 
 
-def split(h, l) -> Wide:
-  """The words of ``V = h * 2**64 + l`` for ``|V| < 2**95``."""
-  return Wide(h.astype(I32), (l >> 32).astype(U32), (l & _LOW).astype(U32))
+def split(h, low) -> Wide:
+  """The words of ``V = h * 2**64 + low`` for ``|V| < 2**95``."""
+  return Wide(h.astype(I32), (low >> 32).astype(U32), (low & _LOW).astype(U32))
 
 
 def add(a, b):
-  """``a + b`` of ``(h, l)`` pairs."""
+  """``a + b`` of ``(h, low)`` pairs."""
   low = a[1] + b[1]
   return a[0] + b[0] + (low < a[1]).astype(I64), low
 
 
 def negate(a):
-  """``-a`` of an ``(h, l)`` pair."""
+  """``-a`` of an ``(h, low)`` pair."""
   low = ~a[1] + 1
   return ~a[0] + (low == 0).astype(I64), low
 
@@ -74,21 +74,21 @@ def equal(a, b):
 
 
 def small(k):
-  """The ``(h, l)`` pair of an ``int64`` k."""
+  """The ``(h, low)`` pair of an ``int64`` k."""
   k = jnp.asarray(k, I64)
   return k >> 63, k.astype(U64)
 
 
 def shift_right(a, bits: int):
   """``floor(a / 2**bits)`` for ``0 < bits < 64``."""
-  h, l = a
-  return h >> bits, (l >> bits) | ((h & ((1 << bits) - 1)).astype(U64) << (64 - bits))
+  h, low = a
+  return h >> bits, (low >> bits) | ((h & ((1 << bits) - 1)).astype(U64) << (64 - bits))
 
 
 def shift_left(a, bits: int):
   """``a * 2**bits`` for ``0 < bits < 64`` (no overflow check)."""
-  h, l = a
-  return (h << bits) | (l >> (64 - bits)).astype(I64), l << bits
+  h, low = a
+  return (h << bits) | (low >> (64 - bits)).astype(I64), low << bits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +120,13 @@ class WideFormat:
     return Wide(jnp.zeros(shape, I32), jnp.zeros(shape, U32), jnp.zeros(shape, U32))
 
   def in_range(self, a) -> jax.Array:
-    """``|V| < 2**(R + int_bits)`` of an ``(h, l)`` pair."""
+    """``|V| < 2**(R + int_bits)`` of an ``(h, low)`` pair."""
     limit = 1 << (self.radix_bits + self.int_bits - 64)  # 2**(R + int) = limit * 2**64
-    h, l = a
-    return (h < limit) & ((h > -limit) | ((h == -limit) & (l > 0)))
+    h, low = a
+    return (h < limit) & ((h > -limit) | ((h == -limit) & (low > 0)))
 
   def quantize(self, x):
-    """``((h, l), ok)``: ``round(x * 2**R)`` (ties to even); inside ``exact_scope``."""
+    """``((h, low), ok)``: ``round(x * 2**R)`` (ties to even); inside ``exact_scope``."""
     x = jnp.asarray(x)
     cd = _compute_dtype(x.dtype)
     x = x.astype(cd)
@@ -167,9 +167,9 @@ class WideFormat:
     ``fl(top) 2**(32 - R) + fl(bottom) 2**-R``."""
     dtype = np.dtype(_compute_dtype(dtype))
     negative = a[0] < 0
-    h, l = where(negative, negate(a), a)
-    top = (h << 32) | (l >> 32).astype(I64)  # < 2**62
-    bottom = (l & _LOW).astype(I64)
+    h, low = where(negative, negate(a), a)
+    top = (h << 32) | (low >> 32).astype(I64)  # < 2**62
+    bottom = (low & _LOW).astype(I64)
     scale_top = np.asarray(2.0 ** (32 - self.radix_bits), dtype)
     mag = top.astype(dtype) * scale_top + bottom.astype(dtype) * np.asarray(
       2.0**-self.radix_bits, dtype
@@ -178,5 +178,5 @@ class WideFormat:
 
 
 def where(condition, a, b):
-  """Elementwise select of ``(h, l)`` pairs."""
+  """Elementwise select of ``(h, low)`` pairs."""
   return jnp.where(condition, a[0], b[0]), jnp.where(condition, a[1], b[1])

@@ -85,12 +85,12 @@ def _wide_values(key, num):
 
 def _to_pair(vals):
   h = np.asarray([v >> 64 for v in vals], np.int64)
-  l = np.asarray([v & (2**64 - 1) for v in vals], np.uint64)
-  return jnp.asarray(h), jnp.asarray(l)
+  low = np.asarray([v & (2**64 - 1) for v in vals], np.uint64)
+  return jnp.asarray(h), jnp.asarray(low)
 
 
-def _from_pair(h, l):
-  return [(int(a) << 64) + int(b) for a, b in zip(np.asarray(h), np.asarray(l))]
+def _from_pair(h, low):
+  return [(int(a) << 64) + int(b) for a, b in zip(np.asarray(h), np.asarray(low))]
 
 
 @pytest.mark.parametrize("lam", LAMS)
