@@ -150,13 +150,13 @@ class AdamRule:
   # -- quantization ----------------------------------------------------------
 
   def _scales(self, hp: Mapping):
-    """The :class:`revoptax._scale.Scale` of ``b1``, ``b2`` and (AdamW) the decay."""
-    b1 = jnp.asarray(hp["b1"], jnp.float32)
-    b2 = jnp.asarray(hp["b2"], jnp.float32)
-    scales = [_scale.quantize(1 - b1), _scale.quantize(1 - b2)]
+    """The :class:`revoptax._scale.Scale` of ``b1``, ``b2`` and (AdamW) the decay
+    ``learning_rate * weight_decay``, each complement computed in the values' own
+    precision before it is rounded to float32."""
+    scales = [_scale.quantize(1 - jnp.asarray(hp[name])) for name in ("b1", "b2")]
     if self.decoupled_weight_decay:
-      lr = jnp.asarray(hp["learning_rate"], jnp.float32)
-      scales.append(_scale.quantize(lr * jnp.asarray(hp["weight_decay"], jnp.float32)))
+      lam = jnp.asarray(hp["learning_rate"]) * jnp.asarray(hp["weight_decay"])
+      scales.append(_scale.quantize(lam))
     return scales
 
   def applied(self, hp: Mapping, dtype):

@@ -201,3 +201,147 @@ def scan_train_fn(bits=16, key=None):
     return scan_train(loss_fn, params, hp, batches, num_steps, learning_rate, momentum, key, bits)
 
   return train
+
+
+# ----------------------------------------------------------------------------
+# Adam and AdamW, from the maths of docs/adam.md.
+
+
+def quantized_complement(lam):
+  """``1 - gamma`` applied for a multiplication by ``1 - lam`` (the documented contract):
+
+      lam32 = float32(lam), j = floor(256 lam32), n = 256 - j,
+      k = round(2**32 (lam32 - j / 256) / (n / 256))   (float32 arithmetic),
+      applied = j / 256 + (n / 256) (k / 2**32),
+
+  with the straight-through gradient.
+  """
+  lam = jnp.asarray(lam)
+  lam32 = jnp.clip(lam.astype(jnp.float32), 0.0, 0.75)
+  j = jnp.floor(lam32 * 256.0)
+  n = 256.0 - j
+  k = jnp.clip(jnp.round((lam32 - j / 256.0) / (n / 256.0) * 2.0**32), 0, 2.0**26)
+  applied = j.astype(lam.dtype) / 256 + (n.astype(lam.dtype) / 256) * (k.astype(lam.dtype) * 2.0**-32)
+  return lam + jax.lax.stop_gradient(applied - lam)
+
+
+def adam_scan_train(loss_fn, params, hparams, batches, num_steps, schedules, decoupled):
+  """Final params of ``num_steps`` float Adam (AdamW if ``decoupled``) steps, one ``lax.scan``.
+
+  ``schedules``: ``{name: (hparams, t) -> value}`` for learning_rate, b1, b2, eps,
+  eps_root (and weight_decay).  The derivative of ``sqrt`` at 0 is taken as 0.
+  """
+  num_batches = jax.tree.leaves(batches)[0].shape[0]
+
+  def safe_sqrt(x):
+    return jnp.where(x > 0, jnp.sqrt(jnp.where(x > 0, x, 1.0)), 0.0)
+
+  def step(carry, t):
+    w, m, v = carry
+    batch = jax.tree.map(lambda x: x[t % num_batches], batches)
+    g = jax.grad(loss_fn)(w, hparams, batch)
+    hp = {k: broadcast_to_params(fn(hparams, t), w) for k, fn in schedules.items()}
+    count = t + 1
+
+    def leaf(w, m, v, g, lr, b1, b2, eps, eps_root, wd=None):
+      b1 = 1 - quantized_complement(1 - b1)
+      b2 = 1 - quantized_complement(1 - b2)
+      m = b1 * m + (1 - b1) * g
+      v = b2 * v + (1 - b2) * g * g
+      m_hat = m / (1 - b1**count)
+      v_hat = v / (1 - b2**count)
+      if wd is not None:
+        wd = wd + jax.lax.stop_gradient(quantized_complement(lr * wd) / lr - wd)
+        w = (1 - lr * wd) * w
+      return w - lr * m_hat / (safe_sqrt(v_hat + eps_root) + eps), m, v
+
+    names = ["learning_rate", "b1", "b2", "eps", "eps_root"] + (["weight_decay"] * decoupled)
+    out = jax.tree.map(leaf, w, m, v, g, *[hp[k] for k in names])
+    is_triple = lambda x: isinstance(x, tuple) and len(x) == 3  # noqa: E731
+    w, m, v = (jax.tree.map(lambda x, i=i: x[i], out, is_leaf=is_triple) for i in range(3))
+    return (w, m, v), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (w, _, _), _ = jax.lax.scan(step, (params, zeros, zeros), jnp.arange(num_steps))
+  return w
+
+
+def adam_meta_problem(dtype=jnp.float32, num_steps=40, batch_size=20, num_batches=6):
+  """``(val_loss(hp, train_fn), hparams)``: AdamW on digits with a per-step x per-layer
+  learning rate, learned b1, b2, eps and per-layer weight decay, init scales and the
+  training inputs.  ``train_fn(loss_fn, params, hp, batches, num_steps, schedules)``."""
+  xb, yb, xv, yv = digits_data(num_train=batch_size * num_batches, batch_size=batch_size)
+  xb, xv, yv = xb.astype(dtype), xv[:300].astype(dtype), yv[:300]
+  base = jax.random.normal(jax.random.key(1), (sum(a * b for a, b in zip(SIZES, SIZES[1:])),))
+  rng = np.random.default_rng(1)
+  n_layers = len(SIZES) - 1
+
+  def init(hp):
+    params, offset = {}, 0
+    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+      w = base[offset : offset + a * b].reshape(a, b).astype(dtype) / np.sqrt(a)
+      offset += a * b
+      params[f"layer{i}"] = {"w": jnp.exp(hp["log_init_scale"][i]) * w, "b": jnp.zeros(b, dtype)}
+    return params
+
+  def logits(params, x):
+    h = x
+    for i in range(n_layers):
+      h = h @ params[f"layer{i}"]["w"] + params[f"layer{i}"]["b"]
+      if i < n_layers - 1:
+        h = jnp.tanh(h)
+    return h
+
+  def loss_fn(params, hp, batch):
+    x, y = batch
+    logp = jax.nn.log_softmax(logits(params, x))
+    return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+  def per_layer(fn):
+    return lambda hp, t: {f"layer{i}": fn(hp, t, i) for i in range(n_layers)}
+
+  schedules = {
+    "learning_rate": per_layer(lambda hp, t, i: jnp.exp(hp["log_lr"][t, i])),
+    "b1": lambda hp, t: 0.5 + 0.5 * jax.nn.sigmoid(hp["b1_logit"]),
+    "b2": lambda hp, t: 0.9 + 0.1 * jax.nn.sigmoid(hp["b2_logit"]),
+    "eps": lambda hp, t: jnp.exp(hp["log_eps"]),
+    "eps_root": lambda hp, t: 0.0,
+    "weight_decay": per_layer(lambda hp, t, i: jnp.exp(hp["log_wd"][i])),
+  }
+  hparams = {
+    "log_lr": jnp.asarray(np.log(0.01) + 0.3 * rng.normal(size=(num_steps, n_layers)), dtype),
+    "b1_logit": jnp.asarray(1.4, dtype),  # b1 = 0.9
+    "b2_logit": jnp.asarray(4.6, dtype),  # b2 = 0.999
+    "log_eps": jnp.asarray(np.log(1e-4), dtype),
+    "log_wd": jnp.asarray(np.log(0.05) + 0.3 * rng.normal(size=n_layers), dtype),
+    "log_init_scale": jnp.zeros(n_layers, dtype),
+    "train_x": xb,
+  }
+
+  def val_loss(hp, train_fn):
+    trained = train_fn(loss_fn, init(hp), hp, (hp["train_x"], yb), num_steps, schedules)
+    logp = jax.nn.log_softmax(logits(trained, xv))
+    return -jnp.mean(jnp.take_along_axis(logp, yv[:, None], axis=1))
+
+  return val_loss, hparams
+
+
+def adam_revoptax_train_fn(rule=None, **options):
+  """``train_fn`` of :func:`adam_meta_problem` running ``revoptax.train``."""
+  rule = revoptax.AdamRule(decoupled_weight_decay=True) if rule is None else rule
+
+  def train(loss_fn, params, hp, batches, num_steps, schedules):
+    return revoptax.train(
+      loss_fn, params, hp, batches, num_steps=num_steps, rule=rule, **schedules, **options
+    )
+
+  return train
+
+
+def adam_scan_train_fn():
+  """``train_fn`` of :func:`adam_meta_problem` running the float oracle."""
+
+  def train(loss_fn, params, hp, batches, num_steps, schedules):
+    return adam_scan_train(loss_fn, params, hp, batches, num_steps, schedules, decoupled=True)
+
+  return train
