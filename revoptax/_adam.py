@@ -81,7 +81,7 @@ def bias_correction(one_minus_beta, count, dtype):
 class AdamRule:
   """Exactly reversible Adam, and AdamW with ``decoupled_weight_decay=True``.
 
-  Hyperparameters per step: ``learning_rate`` (``> 0``), ``b1`` and ``b2`` (in
+  Hyperparameters per step: ``learning_rate`` (``>= 0``), ``b1`` and ``b2`` (in
   ``[1/4, 1)``), ``eps`` and ``eps_root`` (``>= 0``), and for AdamW
   ``weight_decay`` (``>= 0``, with ``learning_rate * weight_decay <= 3/4``).
   ``b1``, ``b2`` and ``1 - lr wd`` are applied as the quantized
@@ -166,7 +166,8 @@ class AdamRule:
       value = 1 - _scale.complement(scale, dtype)
       out[name] = _straight_through(out[name], jax.lax.stop_gradient(value))
     if self.decoupled_weight_decay:
-      value = _scale.complement(scales[2], dtype) / out["learning_rate"]
+      lr = out["learning_rate"]
+      value = jnp.where(lr > 0, _scale.complement(scales[2], dtype) / lr, out["weight_decay"])
       out["weight_decay"] = _straight_through(out["weight_decay"], jax.lax.stop_gradient(value))
     return out
 
@@ -280,7 +281,7 @@ class AdamRule:
 
   def checks(self, hp: Mapping, learned: Mapping):
     lr = jnp.asarray(hp["learning_rate"])
-    out = {"learning_rate": ~jnp.all(jnp.isfinite(lr) & (lr > 0))}
+    out = {"learning_rate": ~jnp.all(jnp.isfinite(lr) & (lr >= 0))}
     for name, floor in (("b1", self.b1_floor), ("b2", self.b2_floor)):
       b = jnp.asarray(hp[name])
       out[name] = ~jnp.all(jnp.isfinite(b) & (b >= _scale.SMALLEST) & (b < 1))

@@ -1,9 +1,10 @@
-"""reversible_sgd works unchanged in flax.nnx.Optimizer and a Linen TrainState."""
+"""The reversible optimizers work unchanged in flax.nnx.Optimizer and a Linen TrainState."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 from conftest import words_equal
 from flax import nnx
 from flax.training import train_state
@@ -25,12 +26,22 @@ def nnx_loss(model, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
-def test_nnx_optimizer_digits_round_trip_1000_steps(digits):
-  """1,000 minibatch steps forward in nnx.Optimizer, 1,000 back: initial words exactly."""
+# (factory, steps): each optimizer with settings that train the digits MLP.
+OPTIMIZERS = {
+  "sgd": (lambda n: revoptax.reversible_sgd(0.3, 0.9, max_steps=n), 1000),
+  "adam": (lambda n: revoptax.reversible_adam(3e-3, max_steps=n), 300),
+  "adamw": (lambda n: revoptax.reversible_adamw(3e-3, weight_decay=0.05, max_steps=n), 300),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_nnx_optimizer_digits_round_trip(digits, name):
+  """Minibatch steps forward in nnx.Optimizer, as many back: initial words exactly."""
   xb, yb, _, _ = digits
-  num_steps, num_batches = 1000, xb.shape[0]
+  make, num_steps = OPTIMIZERS[name]
+  num_batches = xb.shape[0]
   model = MLP(nnx.Rngs(0))
-  tx = revoptax.reversible_sgd(0.3, 0.9, max_steps=num_steps)
+  tx = make(num_steps)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   initial_state = nnx.as_pure(optimizer.opt_state)
   initial_params = nnx.as_pure(nnx.state(model, nnx.Param))
@@ -73,14 +84,20 @@ class LinenMLP(nn.Module):
     return nn.Dense(10)(x)
 
 
-def test_linen_train_state_round_trip(digits):
+LINEN_OPTIMIZERS = {
+  "sgd": lambda n: revoptax.reversible_sgd(0.3, optax.linear_schedule(0.5, 0.95, n), max_steps=n),
+  "adam": lambda n: revoptax.reversible_adam(optax.cosine_decay_schedule(3e-3, n), max_steps=n),
+  "adamw": lambda n: revoptax.reversible_adamw(1e-3, b1=0.8, weight_decay=0.1, max_steps=n),
+}
+
+
+@pytest.mark.parametrize("name", list(LINEN_OPTIMIZERS))
+def test_linen_train_state_round_trip(digits, name):
   xb, yb, _, _ = digits
   num_steps = 200
   model = LinenMLP()
   params = model.init(jax.random.key(0), xb[0])["params"]
-  tx = revoptax.reversible_sgd(
-    0.3, optax.linear_schedule(0.5, 0.95, num_steps), max_steps=num_steps
-  )
+  tx = LINEN_OPTIMIZERS[name](num_steps)
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   initial = state
 
