@@ -82,11 +82,11 @@ class AdamRule:
   """Exactly reversible Adam, and AdamW with ``decoupled_weight_decay=True``.
 
   Hyperparameters per step: ``learning_rate`` (``>= 0``), ``b1`` and ``b2`` (in
-  ``[1/4, 1)``), ``eps`` and ``eps_root`` (``>= 0``), and for AdamW
-  ``weight_decay`` (``>= 0``, with ``learning_rate * weight_decay <= 3/4``).
+  ``[1/2, 1)``), ``eps`` and ``eps_root`` (``>= 0``), and for AdamW
+  ``weight_decay`` (``>= 0``, with ``learning_rate * weight_decay <= 1/2``).
   ``b1``, ``b2`` and ``1 - lr wd`` are applied as the quantized
-  ``(n / 256)(1 - k / 2**32)`` of :mod:`revoptax._scale` (within ``2**-33`` of
-  the value; that value is the one applied and reported).
+  ``1 - k / 2**32`` of :mod:`revoptax._scale` (within ``2**-33`` of the value;
+  that value is the one applied and reported).
 
   Attributes:
     fixed: fixed-point format of the weights (64-bit).
@@ -128,9 +128,9 @@ class AdamRule:
     for name in ("b1_floor", "b2_floor"):
       value = getattr(self, name)
       if value is not None and not _scale.SMALLEST <= value < 1:
-        raise ValueError(f"AdamRule: {name} must lie in [0.25, 1), got {value}.")
+        raise ValueError(f"AdamRule: {name} must lie in [0.5, 1), got {value}.")
     if self.decay_ceiling is not None and not 0 < self.decay_ceiling <= 1 - _scale.SMALLEST:
-      raise ValueError(f"AdamRule: decay_ceiling must lie in (0, 0.75], got {self.decay_ceiling}.")
+      raise ValueError(f"AdamRule: decay_ceiling must lie in (0, 0.5], got {self.decay_ceiling}.")
 
   @property
   def hyperparameters(self) -> tuple[str, ...]:
@@ -189,16 +189,16 @@ class AdamRule:
     return (mu, nu.astype(dtype))
 
   @staticmethod
-  def _multiply(value, buf, scale, tag, multiply=_scale.multiply):
+  def _multiply(value, buf, scale, tag):
     head = buffer_lib.join_head(buf)
-    value, head = materialize(multiply(value, head, scale))
+    value, head = materialize(_scale.multiply(value, head, scale))
     buf, ok = buffer_lib.spill(buf, head, tag)
     return value, buf, ok
 
   @staticmethod
-  def _divide(value, buf, scale, tag, clear_popped, divide=_scale.divide):
+  def _divide(value, buf, scale, tag, clear_popped):
     head, popped = buffer_lib.unspill(buf, tag)
-    value, head = materialize(divide(value, head, scale))
+    value, head = materialize(_scale.divide(value, head, scale))
     return value, buffer_lib.after_unspill(buf, head, popped, clear_popped)
 
   def _moment_terms(self, grad, scales, cd):
@@ -226,9 +226,7 @@ class AdamRule:
     with exact_scope():
       d_mu, d_nu, terms_ok = self._moment_terms(grad, scales, cd)
       mu, buf, ok_mu = self._multiply(join(state.mu), state.buffer, scales[0], k * t)
-      nu, buf, ok_nu = self._multiply(
-        _wide.join(state.nu), buf, scales[1], k * t + 1, _scale.multiply_wide
-      )
+      nu, buf, ok_nu = self._multiply(_wide.join(state.nu), buf, scales[1], k * t + 1)
       mu, nu = materialize((mu + d_mu, _wide.add(nu, d_nu)))
       w, buffer_ok = join(state.w), ok_mu & ok_nu
       if self.decoupled_weight_decay:
@@ -261,9 +259,7 @@ class AdamRule:
     with exact_scope():
       d_mu, d_nu, _ = self._moment_terms(grad, scales, cd)
       mu, nu = materialize((join(state.mu) - d_mu, _wide.sub(_wide.join(state.nu), d_nu)))
-      nu, buf = self._divide(
-        nu, state.buffer, scales[1], k * t + 1, clear_popped, _scale.divide_wide
-      )
+      nu, buf = self._divide(nu, state.buffer, scales[1], k * t + 1, clear_popped)
       mu, buf = self._divide(mu, buf, scales[0], k * t, clear_popped)
       return AdamState(state.w, split(mu), _wide.split(*nu), buf)
 
@@ -312,21 +308,16 @@ class AdamRule:
     for name, floor in (("b1", self.b1_floor), ("b2", self.b2_floor)):
       given = values[name]
       if given is None or floor is not None:
-        lams.append(_bound(1 - self._floor(name)))
+        lams.append(1 - self._floor(name))
       else:
         lams.append(1 - np.asarray(given, np.float64))
     if self.decoupled_weight_decay:
       lr, wd = values["learning_rate"], values["weight_decay"]
       if lr is None or wd is None or self.decay_ceiling is not None:
-        lams.append(_bound(self._decay_ceiling()))
+        lams.append(self._decay_ceiling())
       else:
         lams.append(np.asarray(lr, np.float64) * np.asarray(wd, np.float64))
     return _total_cost(lams)
-
-
-def _bound(lam: float) -> float:
-  """A ``lam`` whose :func:`revoptax._scale.cost` bounds the cost of every smaller one."""
-  return min(1 - _scale.SMALLEST, lam + 1 / 256)
 
 
 def _total_cost(lams):

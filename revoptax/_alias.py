@@ -141,7 +141,7 @@ def reversible_adam(
   Args:
     learning_rate: a positive float, an array, an Optax schedule, or a pytree
       of those (a prefix of the params) for per-layer rates.
-    b1, b2: decay rates of the moments, in ``[1/4, 1)``, in the same forms.
+    b1, b2: decay rates of the moments, in ``[1/2, 1)``, in the same forms.
     eps, eps_root: non-negative, in the same forms.
   """
     + _COMMON_ARGS
@@ -200,9 +200,9 @@ def reversible_adamw(
   Args:
     learning_rate: a positive float, an array, an Optax schedule, or a pytree
       of those (a prefix of the params) for per-layer rates.
-    b1, b2: decay rates of the moments, in ``[1/4, 1)``, in the same forms.
+    b1, b2: decay rates of the moments, in ``[1/2, 1)``, in the same forms.
     eps, eps_root: non-negative, in the same forms.
-    weight_decay: non-negative, with ``learning_rate * weight_decay <= 3/4``.
+    weight_decay: non-negative, with ``learning_rate * weight_decay <= 1/2``.
   """
     + _COMMON_ARGS.replace("revoptax.AdamRule`", "revoptax.AdamRule` (decoupled)")
     + r"""

@@ -384,7 +384,10 @@ def clear_free_rows(buf: BufferState) -> BufferState:
   )
 
 
-def used_bits(buf: BufferState) -> jax.Array:
-  """Mean bits stored per element beyond the initial head (for measurements)."""
+def used_bits(buf: BufferState, largest: bool = False) -> jax.Array:
+  """Bits stored per element beyond the initial head, on average over the elements or
+  (``largest``) of the largest head, which sets the rows spilled (for measurements)."""
   head = buf.head_hi.astype(jnp.float32) * 2.0**32 + buf.head_lo.astype(jnp.float32)
-  return 32.0 * buf.size.astype(jnp.float32) + jnp.mean(jnp.log2(head)) - HEAD_BITS_INITIAL
+  bits = jnp.log2(jnp.maximum(head, 1.0))
+  bits = jnp.max(bits) if largest else jnp.mean(bits)
+  return 32.0 * buf.size.astype(jnp.float32) + bits - HEAD_BITS_INITIAL

@@ -47,15 +47,15 @@ MESSAGES = {
     "buffer was sized for, so the buffer would run out. {floor_fix}"
   ),
   "b1": (
-    "b1 of leaf {leaf} at step {step} is outside [0.25, 1) or not finite. If it is learned, "
+    "b1 of leaf {leaf} at step {step} is outside [0.5, 1) or not finite. If it is learned, "
     "parametrize it to stay inside, e.g. b1=lambda hp, t: revoptax.momentum_above(0.5, hp['b1'])."
   ),
   "b2": (
-    "b2 of leaf {leaf} at step {step} is outside [0.25, 1) or not finite. If it is learned, "
+    "b2 of leaf {leaf} at step {step} is outside [0.5, 1) or not finite. If it is learned, "
     "parametrize it to stay inside, e.g. b2=lambda hp, t: revoptax.momentum_above(0.9, hp['b2'])."
   ),
   "decay": (
-    "decay of leaf {leaf} at step {step} is outside [0.25, 1) or not finite. If it is learned, "
+    "decay of leaf {leaf} at step {step} is outside [0.5, 1) or not finite. If it is learned, "
     "parametrize it to stay inside, e.g. revoptax.momentum_above(0.5, hp['decay'])."
   ),
   "b1_floor": (
@@ -77,8 +77,8 @@ MESSAGES = {
   "eps_root": "eps_root of leaf {leaf} at step {step} is negative or not finite; it must be >= 0.",
   "weight_decay": (
     "weight_decay of leaf {leaf} at step {step} is negative or not finite, or learning_rate * "
-    "weight_decay exceeds 0.75 (the decay multiplies the weights by 1 - learning_rate * "
-    "weight_decay, which must stay in [0.25, 1])."
+    "weight_decay exceeds 0.5 (the decay multiplies the weights by 1 - learning_rate * "
+    "weight_decay, which must stay in [0.5, 1])."
   ),
   "decay_ceiling": (
     "learning_rate * weight_decay of leaf {leaf} at step {step} is above the decay_ceiling the "

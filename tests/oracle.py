@@ -209,22 +209,10 @@ def scan_train_fn(bits=16, key=None):
 
 def quantized_complement(lam):
   """``1 - gamma`` applied for a multiplication by ``1 - lam`` (the documented contract):
-
-      lam32 = float32(lam), j = floor(4096 lam32), n = 4096 - j,
-      k = round(2**32 (lam32 - j / 4096) / (n / 4096))   (float32 arithmetic),
-      applied = j / 4096 + (n / 4096) (k / 2**32),
-
-  with the straight-through gradient.
-  """
+  ``round(float32(lam) * 2**32) / 2**32``, with the straight-through gradient."""
   lam = jnp.asarray(lam)
-  lam32 = jnp.clip(lam.astype(jnp.float32), 0.0, 0.75)
-  j = jnp.floor(lam32 * 4096.0)
-  n = 4096.0 - j
-  k = jnp.clip(jnp.round((lam32 - j / 4096.0) / (n / 4096.0) * 2.0**32), 0, 2.0**22)
-  applied = j.astype(lam.dtype) / 4096 + (n.astype(lam.dtype) / 4096) * (
-    k.astype(lam.dtype) * 2.0**-32
-  )
-  return lam + jax.lax.stop_gradient(applied - lam)
+  k = jnp.round(jnp.clip(lam.astype(jnp.float32), 0.0, 0.5) * 2.0**32)
+  return lam + jax.lax.stop_gradient(k.astype(lam.dtype) * 2.0**-32 - lam)
 
 
 def adam_scan_train(loss_fn, params, hparams, batches, num_steps, schedules, decoupled):
