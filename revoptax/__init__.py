@@ -5,7 +5,12 @@ exactly (Maclaurin, Duvenaud & Adams, ICML 2015).
 """
 
 from revoptax._adam import AdamRule, AdamState
-from revoptax._alias import reversible_adam, reversible_adamw, reversible_sgd
+from revoptax._alias import (
+  reversible_adam,
+  reversible_adamw,
+  reversible_rmsprop,
+  reversible_sgd,
+)
 from revoptax._determinism import fingerprint, isolated
 from revoptax._errors import ReversibilityError
 from revoptax._fixed_point import Fixed, FixedPointFormat
@@ -15,6 +20,7 @@ from revoptax._optax import (
   check,
   reversible_optimizer,
 )
+from revoptax._rmsprop import RMSPropRule, RMSPropState
 from revoptax._rule import ReversibleRule, StepFlags
 from revoptax._sgd import MomentumSGDRule, MomentumSGDState, momentum_above
 from revoptax._train import train
@@ -38,6 +44,8 @@ __all__ = [
   "FixedPointFormat",
   "MomentumSGDRule",
   "MomentumSGDState",
+  "RMSPropRule",
+  "RMSPropState",
   "ReversibilityError",
   "ReversibleRule",
   "ReversibleState",
@@ -50,6 +58,7 @@ __all__ = [
   "reversible_adam",
   "reversible_adamw",
   "reversible_optimizer",
+  "reversible_rmsprop",
   "reversible_sgd",
   "train",
   "train_module",

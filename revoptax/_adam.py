@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from revoptax import _buffer as buffer_lib
-from revoptax import _scale, _wide
+from revoptax import _moments, _scale, _wide
 from revoptax._fixed_point import Fixed, FixedPointFormat, _compute_dtype, exact_scope, join, split
 from revoptax._fusion import materialize
 from revoptax._rule import StepFlags
@@ -62,19 +62,6 @@ class AdamState(NamedTuple):
   mu: Fixed
   nu: _wide.Wide
   buffer: buffer_lib.BufferState
-
-
-def safe_sqrt(x):
-  """``sqrt(x)`` for ``x >= 0`` whose derivative at 0 is 0 (an element whose gradient
-  was always 0 has ``m = nu = 0`` and takes no step, whatever ``nu``'s tangent)."""
-  positive = x > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
-
-
-def bias_correction(one_minus_beta, count, dtype):
-  """``1 - beta**count`` from ``1 - beta``, as ``-expm1(count log1p(-(1 - beta)))``."""
-  count = jnp.asarray(count, jnp.int32).astype(dtype)
-  return -jnp.expm1(count * jnp.log1p(-jnp.asarray(one_minus_beta, dtype)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +90,10 @@ class AdamRule:
       A step below a floor is reported.
     decay_ceiling: the largest ``learning_rate * weight_decay`` a learned
       schedule may use (default ``2**-8``), likewise.
+    capacity: ``"guaranteed"`` (default): the buffer holds every element's worst
+      case, about twice ``log2(1 / b)`` per multiplication, so it cannot run out;
+      ``"expected"``: about the average ``log2(1 / b)`` plus a margin, half the
+      memory, reported if it runs out (see :func:`revoptax._scale.cost`).
 
   Example:
     >>> import jax.numpy as jnp, revoptax
@@ -121,6 +112,7 @@ class AdamRule:
   b1_floor: float | None = None
   b2_floor: float | None = None
   decay_ceiling: float | None = None
+  capacity: str = "guaranteed"
 
   state_names = ("mu", "nu")
 
@@ -129,6 +121,10 @@ class AdamRule:
       value = getattr(self, name)
       if value is not None and not _scale.SMALLEST <= value < 1:
         raise ValueError(f"AdamRule: {name} must lie in [0.5, 1), got {value}.")
+    if self.capacity not in ("guaranteed", "expected"):
+      raise ValueError(
+        f"AdamRule: capacity must be 'guaranteed' or 'expected', got {self.capacity!r}."
+      )
     if self.decay_ceiling is not None and not 0 < self.decay_ceiling <= 1 - _scale.SMALLEST:
       raise ValueError(f"AdamRule: decay_ceiling must lie in (0, 0.5], got {self.decay_ceiling}.")
 
@@ -153,7 +149,7 @@ class AdamRule:
     """The :class:`revoptax._scale.Scale` of ``b1``, ``b2`` and (AdamW) the decay
     ``learning_rate * weight_decay``, each complement computed in the values' own
     precision before it is rounded to float32."""
-    scales = [_scale.quantize(1 - jnp.asarray(hp[name])) for name in ("b1", "b2")]
+    scales = [_moments.rate_scale(hp[name]) for name in ("b1", "b2")]
     if self.decoupled_weight_decay:
       lam = jnp.asarray(hp["learning_rate"]) * jnp.asarray(hp["weight_decay"])
       scales.append(_scale.quantize(lam))
@@ -162,9 +158,8 @@ class AdamRule:
   def applied(self, hp: Mapping, dtype):
     scales = self._scales(hp)
     out = {k: jnp.asarray(hp[k], dtype) for k in self.hyperparameters}
-    for name, scale in zip(("b1", "b2"), scales):
-      value = 1 - _scale.complement(scale, dtype)
-      out[name] = _straight_through(out[name], jax.lax.stop_gradient(value))
+    for name in ("b1", "b2"):
+      out[name] = _moments.applied_rate(hp[name], dtype)
     if self.decoupled_weight_decay:
       lr = out["learning_rate"]
       value = jnp.where(lr > 0, _scale.complement(scales[2], dtype) / lr, out["weight_decay"])
@@ -188,19 +183,6 @@ class AdamRule:
       nu = self.second_moment_format.dequantize(_wide.join(state.nu), dtype)
     return (mu, nu.astype(dtype))
 
-  @staticmethod
-  def _multiply(value, buf, scale, tag):
-    head = buffer_lib.join_head(buf)
-    value, head = materialize(_scale.multiply(value, head, scale))
-    buf, ok = buffer_lib.spill(buf, head, tag)
-    return value, buf, ok
-
-  @staticmethod
-  def _divide(value, buf, scale, tag, clear_popped):
-    head, popped = buffer_lib.unspill(buf, tag)
-    value, head = materialize(_scale.divide(value, head, scale))
-    return value, buffer_lib.after_unspill(buf, head, popped, clear_popped)
-
   def _moment_terms(self, grad, scales, cd):
     """``(Q((1 - b1) g), Q((1 - b2) g**2))`` with their range flags (inside ``exact_scope``)."""
     g = grad.astype(cd)
@@ -211,9 +193,9 @@ class AdamRule:
   def _update(self, mu, nu, hp, scales, t, cd):
     """``(Q(lr mhat / (sqrt(nuhat + eps_root) + eps)), ok)`` from the integer moments."""
     m_hat = self.moment_format.dequantize(mu, cd)
-    m_hat = m_hat / bias_correction(_scale.complement(scales[0], cd), t + 1, cd)
+    m_hat = m_hat / _moments.bias_correction(_scale.complement(scales[0], cd), t + 1, cd)
     nu_hat = self.second_moment_format.dequantize(nu, cd)
-    nu_hat = nu_hat / bias_correction(_scale.complement(scales[1], cd), t + 1, cd)
+    nu_hat = nu_hat / _moments.bias_correction(_scale.complement(scales[1], cd), t + 1, cd)
     eps, eps_root = jnp.asarray(hp["eps"], cd), jnp.asarray(hp["eps_root"], cd)
     lr = jnp.asarray(hp["learning_rate"], cd)
     return self.fixed.quantize(lr * m_hat / (jnp.sqrt(nu_hat + eps_root) + eps))
@@ -225,12 +207,12 @@ class AdamRule:
     wide = self.second_moment_format
     with exact_scope():
       d_mu, d_nu, terms_ok = self._moment_terms(grad, scales, cd)
-      mu, buf, ok_mu = self._multiply(join(state.mu), state.buffer, scales[0], k * t)
-      nu, buf, ok_nu = self._multiply(_wide.join(state.nu), buf, scales[1], k * t + 1)
+      mu, buf, ok_mu = _moments.decay(join(state.mu), state.buffer, scales[0], k * t)
+      nu, buf, ok_nu = _moments.decay(_wide.join(state.nu), buf, scales[1], k * t + 1)
       mu, nu = materialize((mu + d_mu, _wide.add(nu, d_nu)))
       w, buffer_ok = join(state.w), ok_mu & ok_nu
       if self.decoupled_weight_decay:
-        w, buf, ok_w = self._multiply(w, buf, scales[2], k * t + 2)
+        w, buf, ok_w = _moments.decay(w, buf, scales[2], k * t + 2)
         buffer_ok = buffer_ok & ok_w
       du, du_ok = self._update(mu, nu, hp, scales, t, cd)
       w = materialize(w - du)
@@ -249,7 +231,7 @@ class AdamRule:
       w = materialize(join(state.w) + du)
       buf = state.buffer
       if self.decoupled_weight_decay:
-        w, buf = self._divide(w, buf, scales[2], self._ops * t + 2, clear_popped)
+        w, buf = _moments.undecay(w, buf, scales[2], self._ops * t + 2, clear_popped)
       return state._replace(w=split(w), buffer=buf)
 
   def unstep_state(self, state: AdamState, grad, hp: Mapping, t, clear_popped=False):
@@ -259,8 +241,8 @@ class AdamRule:
     with exact_scope():
       d_mu, d_nu, _ = self._moment_terms(grad, scales, cd)
       mu, nu = materialize((join(state.mu) - d_mu, _wide.sub(_wide.join(state.nu), d_nu)))
-      nu, buf = self._divide(nu, state.buffer, scales[1], k * t + 1, clear_popped)
-      mu, buf = self._divide(mu, buf, scales[0], k * t, clear_popped)
+      nu, buf = _moments.undecay(nu, state.buffer, scales[1], k * t + 1, clear_popped)
+      mu, buf = _moments.undecay(mu, buf, scales[0], k * t, clear_popped)
       return AdamState(state.w, split(mu), _wide.split(*nu), buf)
 
   def float_step(self, w, opt_state, grad, hp: Mapping, t):
@@ -273,7 +255,7 @@ class AdamRule:
     nu_hat = nu / (1 - b2**count)
     if self.decoupled_weight_decay:
       w = (1 - lr * hp["weight_decay"]) * w
-    return w - lr * m_hat / (safe_sqrt(nu_hat + hp["eps_root"]) + hp["eps"]), (mu, nu)
+    return w - lr * m_hat / (_moments.safe_sqrt(nu_hat + hp["eps_root"]) + hp["eps"]), (mu, nu)
 
   def checks(self, hp: Mapping, learned: Mapping):
     lr = jnp.asarray(hp["learning_rate"])
@@ -317,14 +299,14 @@ class AdamRule:
         lams.append(self._decay_ceiling())
       else:
         lams.append(np.asarray(lr, np.float64) * np.asarray(wd, np.float64))
-    return _total_cost(lams)
+    return _total_cost(lams, self.capacity == "guaranteed")
 
 
-def _total_cost(lams):
+def _total_cost(lams, guaranteed: bool):
   """``(mean, variance)`` per step: the worst element of each step, summed over quantities."""
   means, variances = [], []
   for lam in lams:
-    mean, var = _scale.cost(lam)
+    mean, var = _scale.cost(lam, guaranteed)
     if mean.ndim:
       mean, var = mean.reshape(mean.shape[0], -1).max(1), var.reshape(var.shape[0], -1).max(1)
     means.append(mean)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from revoptax._adam import AdamRule
 from revoptax._optax import ReversibleTransformation, transformation
+from revoptax._rmsprop import RMSPropRule
 from revoptax._sgd import MomentumSGDRule
 
 
@@ -236,4 +239,89 @@ def reversible_adamw(
     "eps_root": eps_root,
     "weight_decay": weight_decay,
   }
+  return transformation(rule, specs, max_steps, param_log_capacity, on_error, api)
+
+
+def reversible_rmsprop(
+  learning_rate,
+  decay=0.9,
+  eps=1e-8,
+  initial_scale=0.0,
+  eps_in_sqrt=True,
+  centered=False,
+  momentum=None,
+  nesterov=False,
+  bias_correction=False,
+  *,
+  max_steps: int,
+  rule: RMSPropRule | None = None,
+  param_log_capacity: int | None = None,
+  on_error: str = "raise",
+) -> ReversibleTransformation:
+  r"""Exactly reversible RMSProp with momentum: ``optax.rmsprop(..., momentum=...)`` with an
+  exact inverse.
+
+  .. math::
+
+    \nu_{t+1} = d \nu_t + (1 - d) g_t^2, \quad
+    m_{t+1} = \mu m_t - \alpha \frac{g_t}{\sqrt{\hat\nu_{t+1} + \epsilon}}, \quad
+    w_{t+1} = w_t + m_{t+1}
+
+  (centered: ``nu - mu**2`` under the root with ``mu`` the average of ``g``),
+  computed exactly (:class:`revoptax.RMSPropRule`); the buffer costs
+  ``log2(1 / decay)`` (twice when centered) plus ``log2(1 / momentum)`` bits
+  per parameter per step.
+
+  Args:
+    learning_rate: a non-negative float, an array, an Optax schedule, or a
+      pytree of those (a prefix of the params).
+    decay: the second moment's decay rate, in ``[1/2, 1)``, in the same forms.
+    eps: non-negative, in the same forms.
+    initial_scale, eps_in_sqrt, centered, bias_correction: as in ``optax.rmsprop``.
+    momentum: required, in ``[1/2, 1)``: without momentum the weight update
+      reads the gradient at the weights it changes, which is not exactly
+      reversible (``None`` raises).
+    nesterov: must be False, for the same reason.
+    max_steps: updates the buffer and the fingerprints must hold (static).
+    rule: a :class:`revoptax.RMSPropRule` with the formats and floors; its
+      ``centered``, ``eps_in_sqrt``, ``bias_correction`` and ``initial_scale``
+      are replaced by the arguments above.
+    param_log_capacity, on_error: as for :func:`revoptax.reversible_sgd`.
+
+  Returns:
+    A :class:`ReversibleTransformation` whose state is a :class:`revoptax.ReversibleState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, revoptax
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = revoptax.reversible_rmsprop(0.01, momentum=0.9, max_steps=10)
+    >>> state = tx.init(params)
+    >>> grad_fn = jax.grad(lambda p: jnp.sum(p["w"] ** 2))
+    >>> updates, state = tx.update(grad_fn(params), state, params)
+    >>> tx.inverse(state, grad_fn)[1]["w"].tolist()
+    [1.0, 1.0, 1.0]
+
+  References:
+    Tieleman & Hinton, "Lecture 6.5 - RMSProp", COURSERA: Neural Networks for
+    Machine Learning (2012); Graves, "Generating Sequences With Recurrent
+    Neural Networks" (2013, the centered form), https://arxiv.org/abs/1308.0850
+  """
+  api = "revoptax.reversible_rmsprop"
+  if momentum is None or nesterov:
+    raise ValueError(
+      f"{api}: RMSProp is exactly reversible only with (non-Nesterov) momentum: without it "
+      "the weight update reads the gradient at the weights it changes, so the weights cannot "
+      "be undone first. Pass momentum= (e.g. 0.9) and nesterov=False."
+    )
+  base = RMSPropRule() if rule is None else rule
+  if not isinstance(base, RMSPropRule):
+    raise TypeError(f"{api}: rule must be a revoptax.RMSPropRule, got {rule!r}.")
+  rule = dataclasses.replace(
+    base,
+    centered=bool(centered),
+    eps_in_sqrt=bool(eps_in_sqrt),
+    bias_correction=bool(bias_correction),
+    initial_scale=float(initial_scale),
+  )
+  specs = {"learning_rate": learning_rate, "decay": decay, "eps": eps, "momentum": momentum}
   return transformation(rule, specs, max_steps, param_log_capacity, on_error, api)

@@ -58,6 +58,10 @@ MESSAGES = {
     "decay of leaf {leaf} at step {step} is outside [0.5, 1) or not finite. If it is learned, "
     "parametrize it to stay inside, e.g. revoptax.momentum_above(0.5, hp['decay'])."
   ),
+  "momentum_rate": (
+    "momentum of leaf {leaf} at step {step} is outside [0.5, 1) or not finite. If it is "
+    "learned, parametrize it to stay inside, e.g. revoptax.momentum_above(0.5, hp['momentum'])."
+  ),
   "b1_floor": (
     "b1 of leaf {leaf} at step {step} is below the b1_floor the information buffer was sized "
     "for, so the buffer would run out. Keep it above by construction (revoptax.momentum_above) "

@@ -279,5 +279,6 @@ _CONCRETE = {
     "learning_rate * weight_decay is above decay_ceiling",
   ),
   "decay": (("decay",), "decay must lie in [0.5, 1)"),
+  "momentum_rate": (("momentum",), "momentum must lie in [0.5, 1)"),
   "decay_floor": (("decay",), "decay is below decay_floor"),
 }

@@ -10,12 +10,12 @@ from the buffer, an error of up to ``2**k`` units; here instead ``gamma =
 G / 2**32`` (``G = 2**32 - round(lam 2**32)``) and the product is rounded with
 a dither popped from the buffer (bits-back rounding)::
 
-    s  = head mod 256,  head <- head // 256          8 raw bits, the dither
-    W' = floor((G W + s 2**24) / 2**32)             = floor(gamma W + s / 256)
+    s  = head mod 2**16,  head <- head // 2**16      16 raw bits, the dither
+    W' = floor((G W + s 2**16) / 2**32)             = floor(gamma W + s / 2**16)
     head <- head * N(W') + index of (W, s) among the N(W') pairs that give W'
 
-``N(W')``, the number of pairs ``(W, s)`` with ``s < 256`` mapping to ``W'``, is
-``floor(256 / gamma)`` or one more: the pairs lie in at most five consecutive
+``N(W')``, the number of pairs ``(W, s)`` with ``s < 2**16`` mapping to ``W'``, is
+about ``2**16 / gamma``: the pairs lie in at most five consecutive
 ``W`` (``gamma >= 1/2``), each with a range of ``s``, and are numbered in order.
 Undoing computes ``X = floor(W' 2**32 / G)`` by long division, lists the same
 pairs around it, reads the index back from ``head mod N(W')`` and restores
@@ -28,9 +28,9 @@ always zero costs no buffer (plain dithered rounding would charge it
 ``log2(1 + 2 lam)`` bits per step, the most of any value).
 
 Properties: ``|W' - gamma W| < 1``; ``W = 0`` gives ``W' = 0``; the head grows
-by ``log2(N / 256)`` bits, on average ``log2(1 / gamma)`` to within 1%
-(:func:`cost`), and by at most 2 bits, so heads below ``2**56`` stay below
-``2**58``.  ``gamma = 1`` is the identity.
+by ``log2(N / 2**16)`` bits, on average ``log2(1 / gamma)`` to within 1%, at most
+about ``log2(1 + 2 lam)`` (:func:`cost`) and never more than 2 bits, so heads
+below ``2**56`` stay below ``2**58``.  ``gamma = 1`` is the identity.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ from revoptax._fusion import materialize
 I64, U64 = "int64", "uint64"
 U32 = jnp.uint32
 FINE_BITS = 32
-DITHER_BITS = 8
+DITHER_BITS = 16
+DITHERS = 1 << DITHER_BITS
+_UNIT = 32 - DITHER_BITS  # a dither step is 2**_UNIT in units of 2**-32
 SMALLEST = 0.5  # gamma >= 1/2: the pairs of one W' lie in at most five consecutive W
 _WINDOW = 4  # candidates W - 4 .. W + 4 (forward) and X - 4 .. X + 4 (reverse)
 _DIGIT_BITS = 21
@@ -86,10 +88,11 @@ def _multiple(a, g):
 
 
 def _dither_bound(e):
-  """``clip(ceil(E / 2**24), 0, 256)`` of an ``(h, l)`` pair ``E`` (uint32)."""
+  """``clip(ceil(E / 2**16), 0, 2**16)`` of an ``(h, l)`` pair ``E`` (uint32)."""
   h, low = e
-  inside = (low + (1 << 24) - 1) >> 24
-  return jnp.where(h < 0, 0, jnp.where((h > 0) | (low >= (1 << 32)), 256, inside)).astype(U32)
+  inside = (low + (1 << _UNIT) - 1) >> _UNIT
+  full = (h > 0) | (low >= (1 << 32))
+  return jnp.where(h < 0, 0, jnp.where(full, DITHERS, inside)).astype(U32)
 
 
 def _counts(center, new, e_center, g):
@@ -109,7 +112,7 @@ def _counts(center, new, e_center, g):
     w = _wide.add(center, _wide.small(j))
     sticky = _small_value(w)
     lo = jnp.where(sticky, 0, lo)
-    count = jnp.where(sticky, jnp.where(_wide.equal(w, new), 256, 0), count).astype(U32)
+    count = jnp.where(sticky, jnp.where(_wide.equal(w, new), DITHERS, 0), count).astype(U32)
     out.append((lo, count))
   return out
 
@@ -129,10 +132,10 @@ def multiply(value, head, scale: Scale):
   (returned in the same form), ``head`` ``uint64`` below ``2**56``."""
   pair = _pair(value)
   g = (1 << 32) - scale.m.astype(I64)
-  s = (head & 0xFF).astype(U32)
+  s = (head & (DITHERS - 1)).astype(U32)
   rest = head >> DITHER_BITS
   product = _multiple(pair, g)
-  shifted = _wide.add(product, _wide.small(s.astype(I64) << 24))
+  shifted = _wide.add(product, _wide.small(s.astype(I64) << _UNIT))
   new = (shifted[0] >> 32, (shifted[1] >> 32) | (shifted[0] << 32).astype(U64))
   new = materialize(_wide.where(_small_value(pair), pair, new))
   e_center = _wide.sub(_wide.shift_left(new, 32), product)
@@ -202,16 +205,24 @@ def _floor_divide(a, g):
   return _wide.where(negative, (~q[0], ~q[1]), q)
 
 
-def cost(lam) -> tuple[np.ndarray, np.ndarray]:
-  """``(mean, variance)`` bounds of the buffer bits per element and step of multiplying by
-  ``1 - lam`` (NumPy).
+def cost(lam, guaranteed: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """``(mean, variance)`` of the buffer bits per element and step of multiplying by
+  ``1 - lam`` (NumPy), to size the buffer: with ``guaranteed``, ``(bound, 0)``, the
+  most one element can gain, so that the buffer can never run out; else the expected
+  ``1.01 log2(1 / gamma)`` with the variance ``(bound / 2)**2``, which holds typical
+  training at about half the memory but runs out (reported) where many steps keep
+  moments at +-1.
 
-  The mean is ``log2(1 / gamma)`` plus 1% (measured at most 0.74% over it, for values
-  far above one unit; below, less).  One step grows a head by ``log2(N / 256)`` with
-  ``N`` between 256 and ``256 + ceil(512 lam / gamma)``, so half that range squared
-  bounds the variance.
+  A step grows a head by ``log2(N / 2**16)`` with ``N <= 2**16 + ceil(2**17 lam / gamma)``.
+  On average over values far above one unit that is ``log2(1 / gamma)`` to within 1%
+  (measured); an element that stays at +-1 (a moment whose gradient has been zero for
+  long) pays the most, about ``log2(1 + 2 lam)``: it could have come from +-2, and the
+  buffer keeps which.  (No exact multiplication within a unit avoids that: a value that
+  others decay into must record which one it was.)
   """
   lam = np.clip(np.nan_to_num(np.asarray(lam, np.float64), nan=0.0), 0.0, 1.0 - SMALLEST)
   gamma = 1.0 - np.round(lam * 2.0**FINE_BITS) * 2.0**-FINE_BITS
-  widest = np.log2((256.0 + np.ceil(512.0 * lam / gamma)) / 256.0)
+  widest = np.log2((DITHERS + np.ceil(2.0 * DITHERS * lam / gamma)) / DITHERS)
+  if guaranteed:
+    return widest, np.zeros_like(widest)
   return -1.01 * np.log2(gamma), (widest / 2) ** 2

@@ -256,10 +256,48 @@ def adam_scan_train(loss_fn, params, hparams, batches, num_steps, schedules, dec
   return w
 
 
-def adam_meta_problem(dtype=jnp.float32, num_steps=40, batch_size=20, num_batches=6):
-  """``(val_loss(hp, train_fn), hparams)``: AdamW on digits with a per-step x per-layer
-  learning rate, learned b1, b2, eps and per-layer weight decay, init scales and the
-  training inputs.  ``train_fn(loss_fn, params, hp, batches, num_steps, schedules)``."""
+def rmsprop_scan_train(loss_fn, params, hparams, batches, num_steps, schedules, centered):
+  """Final params of ``num_steps`` float RMSProp-with-momentum steps (Optax's form:
+  ``mom = momentum mom - lr g / sqrt(s + eps)``, ``s = nu`` or ``nu - mu**2``)."""
+  num_batches = jax.tree.leaves(batches)[0].shape[0]
+
+  def step(carry, t):
+    w, nu, mu, mom = carry
+    batch = jax.tree.map(lambda x: x[t % num_batches], batches)
+    g = jax.grad(loss_fn)(w, hparams, batch)
+    hp = {k: broadcast_to_params(fn(hparams, t), w) for k, fn in schedules.items()}
+
+    def leaf(w, nu, mu, mom, g, lr, decay, eps, momentum):
+      decay = 1 - quantized_complement(1 - decay)
+      momentum = 1 - quantized_complement(1 - momentum)
+      nu = decay * nu + (1 - decay) * g * g
+      mu = decay * mu + (1 - decay) * g
+      second = nu - mu * mu if centered else nu
+      mom = momentum * mom - lr * g / jnp.sqrt(second + eps)
+      return w + mom, nu, mu, mom
+
+    names = ["learning_rate", "decay", "eps", "momentum"]
+    out = jax.tree.map(leaf, w, nu, mu, mom, g, *[hp[k] for k in names])
+    is_quad = lambda x: isinstance(x, tuple) and len(x) == 4  # noqa: E731
+    return tuple(jax.tree.map(lambda x, i=i: x[i], out, is_leaf=is_quad) for i in range(4)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (w, *_), _ = jax.lax.scan(step, (params, zeros, zeros, zeros), jnp.arange(num_steps))
+  return w
+
+
+def _per_layer(fn, n_layers):
+  return lambda hp, t: {f"layer{i}": fn(hp, t, i) for i in range(n_layers)}
+
+
+def adam_meta_problem(
+  dtype=jnp.float32, num_steps=40, batch_size=20, num_batches=6, optimizer="adamw"
+):
+  """``(val_loss(hp, train_fn), hparams)`` on digits with init scales and the training
+  inputs as hyperparameters, and the optimizer's: AdamW with a per-step x per-layer
+  learning rate, learned b1, b2, eps and per-layer weight decay, or (``optimizer=
+  "rmsprop"``) RMSProp with a per-step x per-layer learning rate, learned decay, eps and
+  per-layer momentum.  ``train_fn(loss_fn, params, hp, batches, num_steps, schedules)``."""
   xb, yb, xv, yv = digits_data(num_train=batch_size * num_batches, batch_size=batch_size)
   xb, xv, yv = xb.astype(dtype), xv[:300].astype(dtype), yv[:300]
   base = jax.random.normal(jax.random.key(1), (sum(a * b for a, b in zip(SIZES, SIZES[1:])),))
@@ -287,26 +325,36 @@ def adam_meta_problem(dtype=jnp.float32, num_steps=40, batch_size=20, num_batche
     logp = jax.nn.log_softmax(logits(params, x))
     return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
-  def per_layer(fn):
-    return lambda hp, t: {f"layer{i}": fn(hp, t, i) for i in range(n_layers)}
-
-  schedules = {
-    "learning_rate": per_layer(lambda hp, t, i: jnp.exp(hp["log_lr"][t, i])),
-    "b1": lambda hp, t: 0.5 + 0.5 * jax.nn.sigmoid(hp["b1_logit"]),
-    "b2": lambda hp, t: 0.9 + 0.1 * jax.nn.sigmoid(hp["b2_logit"]),
-    "eps": lambda hp, t: jnp.exp(hp["log_eps"]),
-    "eps_root": lambda hp, t: 0.0,
-    "weight_decay": per_layer(lambda hp, t, i: jnp.exp(hp["log_wd"][i])),
-  }
+  lr = _per_layer(lambda hp, t, i: jnp.exp(hp["log_lr"][t, i]), n_layers)
   hparams = {
     "log_lr": jnp.asarray(np.log(0.01) + 0.3 * rng.normal(size=(num_steps, n_layers)), dtype),
-    "b1_logit": jnp.asarray(1.4, dtype),  # b1 = 0.9
-    "b2_logit": jnp.asarray(4.6, dtype),  # b2 = 0.999
     "log_eps": jnp.asarray(np.log(1e-4), dtype),
-    "log_wd": jnp.asarray(np.log(0.05) + 0.3 * rng.normal(size=n_layers), dtype),
     "log_init_scale": jnp.zeros(n_layers, dtype),
     "train_x": xb,
   }
+  if optimizer == "adamw":
+    schedules = {
+      "learning_rate": lr,
+      "b1": lambda hp, t: 0.5 + 0.5 * jax.nn.sigmoid(hp["b1_logit"]),
+      "b2": lambda hp, t: 0.9 + 0.1 * jax.nn.sigmoid(hp["b2_logit"]),
+      "eps": lambda hp, t: jnp.exp(hp["log_eps"]),
+      "eps_root": lambda hp, t: 0.0,
+      "weight_decay": _per_layer(lambda hp, t, i: jnp.exp(hp["log_wd"][i]), n_layers),
+    }
+    hparams["b1_logit"] = jnp.asarray(1.4, dtype)  # b1 = 0.9
+    hparams["b2_logit"] = jnp.asarray(4.6, dtype)  # b2 = 0.999
+    hparams["log_wd"] = jnp.asarray(np.log(0.05) + 0.3 * rng.normal(size=n_layers), dtype)
+  else:
+    schedules = {
+      "learning_rate": _per_layer(lambda hp, t, i: 0.1 * jnp.exp(hp["log_lr"][t, i]), n_layers),
+      "decay": lambda hp, t: 0.5 + 0.5 * jax.nn.sigmoid(hp["decay_logit"]),
+      "eps": lambda hp, t: jnp.exp(hp["log_eps"]),
+      "momentum": _per_layer(
+        lambda hp, t, i: 0.5 + 0.5 * jax.nn.sigmoid(hp["momentum_logit"][i]), n_layers
+      ),
+    }
+    hparams["decay_logit"] = jnp.asarray(2.2, dtype)  # decay = 0.95
+    hparams["momentum_logit"] = jnp.asarray(1.4 + 0.3 * rng.normal(size=n_layers), dtype)
 
   def val_loss(hp, train_fn):
     trained = train_fn(loss_fn, init(hp), hp, (hp["train_x"], yb), num_steps, schedules)
@@ -328,10 +376,12 @@ def adam_revoptax_train_fn(rule=None, **options):
   return train
 
 
-def adam_scan_train_fn():
+def adam_scan_train_fn(optimizer="adamw", centered=False):
   """``train_fn`` of :func:`adam_meta_problem` running the float oracle."""
 
   def train(loss_fn, params, hp, batches, num_steps, schedules):
-    return adam_scan_train(loss_fn, params, hp, batches, num_steps, schedules, decoupled=True)
+    if optimizer == "adamw":
+      return adam_scan_train(loss_fn, params, hp, batches, num_steps, schedules, True)
+    return rmsprop_scan_train(loss_fn, params, hp, batches, num_steps, schedules, centered)
 
   return train

@@ -106,9 +106,10 @@ def test_trajectory_matches_optax_with_the_same_unquantized_arguments(name):
 
 
 def _used_bits_per_step(tx, num_steps):
-  """Buffer bits per parameter per step after ``num_steps`` digits steps of ``tx``: of the
-  largest head of each leaf (what sizes the stack: rows are spilled for all elements at
-  once), averaged over the leaves weighted by size."""
+  """Buffer bits per parameter per step after ``num_steps`` digits steps of ``tx``:
+  ``(mean, largest, allocated)``, the mean over all elements, the largest head of each
+  leaf (which sets the rows spilled: rows are spilled for all elements at once) and the
+  rows allocated, each averaged over the leaves weighted by size."""
   grad_at = digits_grad_at()
   params = init_mlp(jax.random.key(2))
 
@@ -122,9 +123,14 @@ def _used_bits_per_step(tx, num_steps):
     return jax.lax.scan(step, (params, tx.init(params)), jnp.arange(num_steps))[0][1]
 
   state = run(params)
-  sizes = [x.size for x in jax.tree.leaves(params)]
-  bits = [float(buffer_lib.used_bits(e.buffer, largest=True)) for e in _unpack(state)]
-  return float(np.dot(bits, sizes) / np.sum(sizes)) / num_steps
+  sizes = np.asarray([x.size for x in jax.tree.leaves(params)], np.float64)
+  leaves = _unpack(state)
+  mean = [float(buffer_lib.used_bits(e.buffer)) for e in leaves]
+  largest = [float(buffer_lib.used_bits(e.buffer, largest=True)) for e in leaves]
+  allocated = [32.0 * e.buffer.stack.shape[0] + 24.0 for e in leaves]  # + the head's room
+  return tuple(
+    float(np.dot(b, sizes) / sizes.sum()) / num_steps for b in (mean, largest, allocated)
+  )
 
 
 @pytest.mark.parametrize(
@@ -144,8 +150,68 @@ def _used_bits_per_step(tx, num_steps):
   ],
 )
 def test_buffer_costs_log2_inverse_of_each_decay_within_2_percent(name, tx, ideal):
-  used = _used_bits_per_step(tx(), NUM_STEPS)
+  mean, largest, allocated = _used_bits_per_step(tx(), NUM_STEPS)
   target = sum(-np.log2(g) for g in ideal)
-  # Observed (digits MLP, 1,000 steps, largest head of each leaf): 1.025x the ideal for
-  # adam and adamw (the spread of the largest of 6,310 heads, a few bits), 0.999x at b1 = 0.5.
-  assert 0.99 * target <= used <= 1.02 * target + 32 / NUM_STEPS, (used, target)
+  # The information stored per parameter: observed 0.998x to 1.000x the ideal.
+  assert 0.99 * target <= mean <= 1.02 * target, (mean, target)
+  # The rows hold every element's worst case (about twice the ideal at b1 = 0.9, see
+  # revoptax._scale.cost), so the largest head never runs out.
+  assert largest <= allocated
+
+
+def test_nesterov_is_refused_with_the_reason():
+  with pytest.raises(ValueError, match="nesterov=True is not exactly reversible"):
+    revoptax.reversible_adam(1e-3, nesterov=True, max_steps=10)
+
+
+@pytest.mark.parametrize(
+  "factory, kwargs, match",
+  [
+    (revoptax.reversible_adam, dict(b1=0.0), r"b1 must lie in \[0.5, 1\)"),
+    (revoptax.reversible_adam, dict(b2=1.0), r"b2 must lie in \[0.5, 1\)"),
+    (revoptax.reversible_adam, dict(b1=float("nan")), "b1 must lie in"),
+    (revoptax.reversible_adam, dict(eps=-1e-8), "eps must be non-negative"),
+    (revoptax.reversible_adamw, dict(weight_decay=-0.1), "weight_decay must be non-negative"),
+    (revoptax.reversible_adamw, dict(weight_decay=1e3), r"learning_rate \* weight_decay <= 0.5"),
+    (revoptax.reversible_adam, dict(learning_rate=-1.0), "learning_rate must be"),
+  ],
+)
+def test_bad_values_raise_before_any_params(factory, kwargs, match):
+  kwargs = {"learning_rate": 1e-3, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    factory(max_steps=10, **kwargs).init({"w": jnp.ones(3)})
+
+
+def test_wrong_rule_for_the_factory_raises():
+  with pytest.raises(TypeError, match="decoupled_weight_decay=True"):
+    revoptax.reversible_adamw(1e-3, rule=revoptax.AdamRule(), max_steps=10)
+
+
+def test_b1_below_its_floor_is_reported_in_train_given_or_learned():
+  def run(hp):
+    w = revoptax.train(
+      lambda w, hp, x: jnp.sum((w - x) ** 2),
+      jnp.zeros(3),
+      hp,
+      jnp.ones((2, 3)),
+      num_steps=5,
+      rule=revoptax.AdamRule(b1_floor=0.8),
+      learning_rate=lambda hp, t: 0.1,
+      b1=lambda hp, t: hp["b1"],
+    )
+    return jnp.sum(w)
+
+  with pytest.raises(ValueError, match="b1 is below b1_floor, got 0.69999.* at step 0"):
+    run({"b1": 0.7})
+  with pytest.raises(Exception, match=r"b1 of leaf .* at step 0 is below the b1_floor"):
+    jax.grad(run)({"b1": jnp.float32(0.7)})
+
+
+def test_train_hypergradients_match_the_float32_oracle():
+  from oracle import adam_meta_problem, adam_revoptax_train_fn, adam_scan_train_fn
+
+  val_loss, hp = adam_meta_problem()
+  got = jax.jit(jax.grad(lambda h: val_loss(h, adam_revoptax_train_fn())))(hp)
+  want = jax.jit(jax.grad(lambda h: val_loss(h, adam_scan_train_fn())))(hp)
+  # float32 training on both sides: observed at most 4e-5 (b2, whose gradient is small).
+  assert_tree_close(got, want, 3e-4)

@@ -31,6 +31,7 @@ OPTIMIZERS = {
   "sgd": (lambda n: revoptax.reversible_sgd(0.3, 0.9, max_steps=n), 1000),
   "adam": (lambda n: revoptax.reversible_adam(3e-3, max_steps=n), 300),
   "adamw": (lambda n: revoptax.reversible_adamw(3e-3, weight_decay=0.05, max_steps=n), 300),
+  "rmsprop": (lambda n: revoptax.reversible_rmsprop(1e-3, momentum=0.9, max_steps=n), 300),
 }
 
 
@@ -88,6 +89,9 @@ LINEN_OPTIMIZERS = {
   "sgd": lambda n: revoptax.reversible_sgd(0.3, optax.linear_schedule(0.5, 0.95, n), max_steps=n),
   "adam": lambda n: revoptax.reversible_adam(optax.cosine_decay_schedule(3e-3, n), max_steps=n),
   "adamw": lambda n: revoptax.reversible_adamw(1e-3, b1=0.8, weight_decay=0.1, max_steps=n),
+  "rmsprop": lambda n: revoptax.reversible_rmsprop(
+    1e-3, centered=True, momentum=optax.linear_schedule(0.5, 0.9, n), max_steps=n
+  ),
 }
 
 

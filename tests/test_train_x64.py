@@ -45,4 +45,4 @@ def test_float64_oracles_and_x64_bit_identity(tmp_path):
     timeout=1200,
   )
   assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-  assert "5 passed" in result.stdout, result.stdout[-3000:]
+  assert "7 passed" in result.stdout, result.stdout[-3000:]
