@@ -90,7 +90,7 @@ LINEN_OPTIMIZERS = {
   "adam": lambda n: revoptax.reversible_adam(optax.cosine_decay_schedule(3e-3, n), max_steps=n),
   "adamw": lambda n: revoptax.reversible_adamw(1e-3, b1=0.8, weight_decay=0.1, max_steps=n),
   "rmsprop": lambda n: revoptax.reversible_rmsprop(
-    1e-3, centered=True, momentum=optax.linear_schedule(0.5, 0.9, n), max_steps=n
+    1e-3, centered=True, momentum=optax.linear_schedule(0.6, 0.9, n), max_steps=n
   ),
 }
 
