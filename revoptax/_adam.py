@@ -193,9 +193,9 @@ class AdamRule:
   def _update(self, mu, nu, hp, scales, t, cd):
     """``(Q(lr mhat / (sqrt(nuhat + eps_root) + eps)), ok)`` from the integer moments."""
     m_hat = self.moment_format.dequantize(mu, cd)
-    m_hat = m_hat / _moments.bias_correction(_scale.complement(scales[0], cd), t + 1, cd)
+    m_hat = m_hat / _moments.bias_correction(scales[0], t + 1, cd)
     nu_hat = self.second_moment_format.dequantize(nu, cd)
-    nu_hat = nu_hat / _moments.bias_correction(_scale.complement(scales[1], cd), t + 1, cd)
+    nu_hat = nu_hat / _moments.bias_correction(scales[1], t + 1, cd)
     eps, eps_root = jnp.asarray(hp["eps"], cd), jnp.asarray(hp["eps_root"], cd)
     lr = jnp.asarray(hp["learning_rate"], cd)
     return self.fixed.quantize(lr * m_hat / (jnp.sqrt(nu_hat + eps_root) + eps))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from revoptax import _buffer as buffer_lib
 from revoptax import _scale
@@ -40,10 +41,42 @@ def applied_rate(rate, dtype):
   return _straight_through(jnp.asarray(rate, dtype), jax.lax.stop_gradient(value))
 
 
-def bias_correction(one_minus_beta, count, dtype):
-  """``1 - beta**count`` from ``1 - beta``, as ``-expm1(count log1p(-(1 - beta)))``."""
-  count = jnp.asarray(count, jnp.int32).astype(dtype)
-  return -jnp.expm1(count * jnp.log1p(-jnp.asarray(one_minus_beta, dtype)))
+_ONE = 1 << 62  # fixed point of the bias correction: 62 fractional bits
+_LOW32 = 0xFFFFFFFF
+
+
+def _times(a, b):
+  """``floor(a b / 2**62)`` of ``int64`` values in ``[0, 2**62]``, from 32-bit limbs."""
+  a0, a1 = (a & _LOW32).astype("uint64"), (a >> 32).astype("uint64")
+  b0, b1 = (b & _LOW32).astype("uint64"), (b >> 32).astype("uint64")
+  mid = a0 * b1 + a1 * b0  # < 2**63
+  shifted = (mid & ((1 << 30) - 1)) << 32
+  low = shifted + a0 * b0
+  carry = (low < shifted).astype("uint64")
+  return (4 * (a1 * b1 + carry) + (mid >> 30) + (low >> 62)).astype("int64")
+
+
+def bias_correction(scale: _scale.Scale, count, dtype):
+  """``1 - gamma**count`` for the quantized ``gamma`` of ``scale`` (inside ``exact_scope``).
+
+  Computed in 62-bit fixed point by binary exponentiation, carrying ``1 - gamma**k``
+  itself (``S_{a+b} = S_a + gamma**a S_b``, ``S_2k = S_k + gamma**k S_k``) so that a small
+  correction keeps its relative precision, then converted to ``dtype`` once: integer
+  arithmetic, so both passes get the same bits whatever XLA fuses (a transcendental
+  ``expm1(count log1p(-lam))`` did not).  ``count < 2**31``.
+  """
+  m = scale.m.astype("int64")
+  base_s = m << 30  # (1 - gamma) 2**62
+  base_p = _ONE - base_s  # gamma 2**62
+  n = jnp.asarray(count, jnp.int32).astype("int64")
+  res_s, res_p = jnp.zeros_like(base_s), jnp.full_like(base_s, _ONE)
+  for bit in range(31):
+    take = ((n >> bit) & 1) == 1
+    res_s = jnp.where(take, res_s + _times(res_p, base_s), res_s)
+    res_p = jnp.where(take, _times(res_p, base_p), res_p)
+    base_s = base_s + _times(base_p, base_s)
+    base_p = _times(base_p, base_p)
+  return res_s.astype(dtype) * np.asarray(2.0**-62, dtype)
 
 
 def safe_sqrt(x):

@@ -165,7 +165,7 @@ class RMSPropRule:
     fmt = self.moment_format
     scale = 1.0
     if self.bias_correction:
-      scale = 1 / _moments.bias_correction(_scale.complement(decay_scale, cd), t + 1, cd)
+      scale = 1 / _moments.bias_correction(decay_scale, t + 1, cd)
     second = fmt.dequantize(nu, cd) * scale
     if self.centered:
       second = second - (fmt.dequantize(mu, cd) * scale) ** 2

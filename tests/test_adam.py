@@ -215,3 +215,47 @@ def test_train_hypergradients_match_the_float32_oracle():
   want = jax.jit(jax.grad(lambda h: val_loss(h, adam_scan_train_fn())))(hp)
   # float32 training on both sides: observed at most 4e-5 (b2, whose gradient is small).
   assert_tree_close(got, want, 3e-4)
+
+
+def test_train_reverses_adamw_bitwise_with_per_step_learning_rates():
+  """A regression: a bias correction computed with transcendental functions compiled to
+  other bits in the backward pass (reported as buffer corruption or drift)."""
+
+  def val_loss(hp):
+    w = revoptax.train(
+      lambda w, hp, x: jnp.sum((w - x) ** 2),
+      jnp.full(3, 0.3),
+      hp,
+      jnp.ones((4, 3)),
+      num_steps=30,
+      rule=revoptax.AdamRule(decoupled_weight_decay=True, decay_ceiling=0.01),
+      learning_rate=lambda hp, t: jnp.exp(hp["log_lr"][t]),
+      b1=lambda hp, t: revoptax.momentum_above(0.5, hp["b1_logit"]),
+      weight_decay=lambda hp, t: jnp.exp(hp["log_wd"]),
+    )
+    return jnp.sum((w - 0.5) ** 2)
+
+  hp = {
+    "log_lr": jnp.full(30, jnp.log(0.05)),
+    "b1_logit": jnp.float32(1.4),
+    "log_wd": jnp.log(jnp.float32(0.1)),
+  }
+  grads = jax.grad(val_loss)(hp)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.1, 1e-3, 1e-4])
+def test_bias_correction_is_exact_to_62_bits(lam):
+  from fractions import Fraction
+
+  from revoptax import _moments, _scale
+  from revoptax._fixed_point import exact_scope
+
+  with exact_scope():
+    scale = _scale.quantize(jnp.float32(lam))
+    counts = [1, 2, 3, 7, 100, 999]
+    got = [float(_moments.bias_correction(scale, n, jnp.float32)) for n in counts]
+  gamma = 1 - Fraction(int(scale.m), 2**32)
+  for n, value in zip(counts, got):
+    want = 1 - gamma**n
+    assert abs(Fraction(value) - want) <= want * Fraction(1, 2**23), (n, value, float(want))
