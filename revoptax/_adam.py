@@ -191,14 +191,17 @@ class AdamRule:
     return d_mu, d_nu, mu_ok & nu_ok
 
   def _update(self, mu, nu, hp, scales, t, cd):
-    """``(Q(lr mhat / (sqrt(nuhat + eps_root) + eps)), ok)`` from the integer moments."""
-    m_hat = self.moment_format.dequantize(mu, cd)
-    m_hat = m_hat / _moments.bias_correction(scales[0], t + 1, cd)
-    nu_hat = self.second_moment_format.dequantize(nu, cd)
-    nu_hat = nu_hat / _moments.bias_correction(scales[1], t + 1, cd)
+    """``(Q(lr mhat / (sqrt(nuhat + eps_root) + eps)), ok)`` from the integer moments, each
+    float operation rounded on its own (:func:`revoptax._moments.rounded`)."""
+    r = _moments.rounded
+    inv_c1 = r(1 / _moments.bias_correction(scales[0], t + 1, cd))
+    inv_c2 = r(1 / _moments.bias_correction(scales[1], t + 1, cd))
+    m_hat = r(self.moment_format.dequantize(mu, cd) * inv_c1)
+    nu_hat = r(self.second_moment_format.dequantize(nu, cd) * inv_c2)
     eps, eps_root = jnp.asarray(hp["eps"], cd), jnp.asarray(hp["eps_root"], cd)
-    lr = jnp.asarray(hp["learning_rate"], cd)
-    return self.fixed.quantize(lr * m_hat / (jnp.sqrt(nu_hat + eps_root) + eps))
+    denominator = r(r(jnp.sqrt(r(nu_hat + eps_root))) + eps)
+    step = r(jnp.asarray(hp["learning_rate"], cd) * m_hat)
+    return self.fixed.quantize(r(step / denominator))
 
   def step(self, state: AdamState, grad, hp: Mapping, t):
     cd = _compute_dtype(grad.dtype)

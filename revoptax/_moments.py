@@ -84,3 +84,13 @@ def safe_sqrt(x):
   was always 0 has zero moments and takes no step, whatever their tangents)."""
   positive = x > 0
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def rounded(x):
+  """``x``, rounded on its own: an optimization barrier, so that XLA neither fuses the
+  operation producing ``x`` with the next (a multiply-add contracted into one rounding)
+  nor rewrites it (a division by a compile-time constant into a multiplication by its
+  reciprocal).  Every float operation of a weight update that is recomputed in the
+  backward pass goes through it: the update must have the same bits in both passes,
+  whichever of its inputs are constants in one of them."""
+  return jax.lax.optimization_barrier(x)

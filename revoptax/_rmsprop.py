@@ -161,20 +161,26 @@ class RMSPropRule:
     return d_nu, d_mu, ok
 
   def _trace_term(self, grad, nu, mu, hp, decay_scale, t, cd):
-    """``(Q(lr u), ok)`` from the gradient and the integer moments after the step."""
+    """``(Q(lr u), ok)`` from the gradient and the integer moments after the step, each
+    float operation rounded on its own (:func:`revoptax._moments.rounded`)."""
+    r = _moments.rounded
     fmt = self.moment_format
-    scale = 1.0
+    second = fmt.dequantize(nu, cd)
     if self.bias_correction:
-      scale = 1 / _moments.bias_correction(decay_scale, t + 1, cd)
-    second = fmt.dequantize(nu, cd) * scale
+      scale = r(1 / _moments.bias_correction(decay_scale, t + 1, cd))
+      second = r(second * scale)
     if self.centered:
-      second = second - (fmt.dequantize(mu, cd) * scale) ** 2
+      mean = fmt.dequantize(mu, cd)
+      if self.bias_correction:
+        mean = r(mean * scale)
+      second = r(second - r(mean * mean))
     eps = jnp.asarray(hp["eps"], cd)
     if self.eps_in_sqrt:
-      u = grad.astype(cd) / jnp.sqrt(second + eps)
+      denominator = r(jnp.sqrt(r(second + eps)))
     else:
-      u = grad.astype(cd) / (jnp.sqrt(second) + eps)
-    return self.fixed.quantize(jnp.asarray(hp["learning_rate"], cd) * u)
+      denominator = r(r(jnp.sqrt(second)) + eps)
+    u = r(grad.astype(cd) / denominator)
+    return self.fixed.quantize(r(jnp.asarray(hp["learning_rate"], cd) * u))
 
   def step(self, state: RMSPropState, grad, hp: Mapping, t):
     cd = _compute_dtype(grad.dtype)
