@@ -621,7 +621,49 @@ def versions_section(compare) -> list[str]:
   return lines
 
 
-def render(hyper, steps, profile=None, steps_pinned=None, ratios=None, compare=None) -> str:
+def adaptive_section(adaptive) -> list[str]:
+  """Adam(W) and RMSProp against their float baselines (``adaptive.py``)."""
+  if not adaptive:
+    return []
+  lines = [
+    "## Adam(W) and RMSProp",
+    "",
+    "`benchmarks/adaptive.py`: digits MLP, AdamW (`b1 = 0.9, b2 = 0.999`, weight decay 1e-2) "
+    "and RMSProp with momentum (`decay = momentum = 0.9`), hypergradient of the validation loss "
+    "with respect to a per-step log learning rate and (AdamW) the log weight decay; the three "
+    "methods compiled and called round robin in one process. Buffer bits per parameter are on "
+    "[the Adam page](adam.md).",
+    "",
+    "| optimizer | T | revoptax | / scan | / checkpoint | XLA temp revoptax | scan | "
+    "checkpoint | max. rel. diff vs scan |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for row in adaptive["hypergradients"]:
+    temp = row["temp_bytes"]
+    lines.append(
+      f"| {row['optimizer']} | {row['T']:,} | {row['revoptax_s']:.2f} s | "
+      f"{row['ratio_vs_scan']:.2f}× | {row['ratio_vs_checkpoint']:.2f}× | "
+      f"{_mb(temp['revoptax'])} | {_mb(temp['scan'])} | {_mb(temp['checkpoint'])} | "
+      f"{row['max_rel_diff_vs_scan']:.1e} |"
+    )
+  lines += [
+    "",
+    "Step time in `nnx.Optimizer` (donated state, median per step over rounds, interleaved):",
+    "",
+    "| optimizer | revoptax | optax | ratio |",
+    "|---|---|---|---|",
+  ]
+  for row in adaptive["steps"]:
+    lines.append(
+      f"| {row['optimizer']} | {row['revoptax_us']:.0f} µs | {row['optax_us']:.0f} µs | "
+      f"{row['ratio']:.2f}× |"
+    )
+  return lines + [""]
+
+
+def render(
+  hyper, steps, profile=None, steps_pinned=None, ratios=None, compare=None, adaptive=None
+) -> str:
   lines = [
     "# Benchmarks",
     "",
@@ -633,6 +675,7 @@ def render(hyper, steps, profile=None, steps_pinned=None, ratios=None, compare=N
     "python benchmarks/profile_revoptax.py  # where revoptax time goes",
     "python benchmarks/time_ratio.py      # the time targets, methods interleaved in one process",
     "python benchmarks/compare_versions.py --before DIR  # this version against an earlier one",
+    "python benchmarks/adaptive.py        # Adam(W) and RMSProp against their baselines",
     "python benchmarks/report.py          # this page only",
     "```",
     "",
@@ -691,6 +734,7 @@ def render(hyper, steps, profile=None, steps_pinned=None, ratios=None, compare=N
     lines += detail_table(rows + pinned)
     lines += buffer_section(rows)
   lines += versions_section(compare)
+  lines += adaptive_section(adaptive)
   lines += profile_section(profile)
   lines += steps_section(steps)
   lines += steps_section(steps_pinned)
@@ -714,6 +758,7 @@ def main(argv=None):
     _load("step_overhead_1cpu.json"),
     {None: _load("time_ratio.json"), 1: _load("time_ratio_1cpu.json")},
     _load("compare_versions.json"),
+    _load("adaptive.json"),
   )
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(text)

@@ -24,9 +24,9 @@ invertible::
 
 and undone in the reverse order: the weight update from the state after the
 step, the decay, then (given the gradient recomputed at ``w_t``) ``nu`` and
-``m``.  The buffer costs ``log2(1 / b1) + log2(1 / b2)`` (``+ log2(1 / (1 - lr
-wd))``) bits per element per step, plus the rounding bits of
-:func:`revoptax._scale.cost`.
+``m``.  The buffer stores ``log2(1 / b1) + log2(1 / b2)`` (``+ log2(1 / (1 -
+lr wd))``) bits per element per step on average; its capacity is sized for
+each element's worst case (:func:`revoptax._scale.cost`).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ class AdamRule:
     fixed: fixed-point format of the weights (64-bit).
     moment_format: 64-bit format of ``mu`` (default ``|m| < 256`` at
       ``2**-54``: a gradient of ``1e-8`` is held to ``6e-9`` relative).
-    second_moment_format: 96-bit format of ``nu`` (default ``nu < 256`` at
-      ``2**-86 = 1.3e-26``).  ``nu`` needs the width: one step adds
+    second_moment_format: 96-bit format of ``nu`` (default ``nu < 65536`` at
+      ``2**-78 = 3.3e-24``).  ``nu`` needs the width: one step adds
       ``(1 - b2) g**2``, ``1e-19`` for ``g = 1e-8``, and a 64-bit format
       resolving ``2**-54`` would drop it and random-walk in its last units.
     decoupled_weight_decay: AdamW (hyperparameter ``weight_decay``).

@@ -12,7 +12,9 @@ word and two unsigned words::
 
 and computed on as ``(h, l)`` = ``(int64, uint64)`` pairs, ``V = h * 2**64 + l``,
 inside :func:`revoptax._fixed_point.exact_scope`.  The default
-``radix_bits = 86, int_bits = 8`` resolves ``1.3e-26`` and holds ``nu < 256``.
+``radix_bits = 78, int_bits = 16`` resolves ``3.3e-24`` (one Adam step at
+``g = 1e-8`` adds 30,000 units) and holds ``nu < 65536`` (a sustained gradient
+of 256, or one of 8,000 in a single step at ``b2 = 0.999``).
 
 Conversions are deterministic: a float is rounded to the nearest unit (ties
 to even) from its bits; a ``V`` converts to a float as the sum of the rounded
@@ -100,8 +102,8 @@ class WideFormat:
     int_bits: values must satisfy ``|x| < 2**int_bits``; ``R + int_bits <= 94``.
   """
 
-  radix_bits: int = 86
-  int_bits: int = 8
+  radix_bits: int = 78
+  int_bits: int = 16
 
   def __post_init__(self):
     if not (1 <= self.int_bits <= 30 and 1 <= self.radix_bits <= 93):

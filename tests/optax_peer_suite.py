@@ -36,17 +36,39 @@ def reversible_sgd(learning_rate, momentum):
   return revoptax.reversible_sgd(learning_rate, momentum, max_steps=MAX_STEPS)
 
 
+def reversible_adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8):
+  return revoptax.reversible_adam(learning_rate, b1, b2, eps, max_steps=MAX_STEPS)
+
+
+def reversible_adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4):
+  return revoptax.reversible_adamw(
+    learning_rate, b1, b2, eps, weight_decay=weight_decay, max_steps=MAX_STEPS
+  )
+
+
+def reversible_rmsprop(learning_rate, decay=0.9, eps=1e-8, momentum=0.9):
+  return revoptax.reversible_rmsprop(
+    learning_rate, decay, eps, momentum=momentum, max_steps=MAX_STEPS
+  )
+
+
+FACTORIES = (reversible_sgd, reversible_adam, reversible_adamw, reversible_rmsprop)
+
+
 # (name, kwargs): alpha = lr / (1 - gamma) reproduces optax.sgd(lr, momentum=gamma) in the
 # tests' targets (alias_test: sgd with 1e-3 and 0.9; contrib: 1e-1).
+# The others with the arguments optax's own lists use for adam, adamw and rmsprop.
+_KWARGS = {
+  "reversible_sgd": {"learning_rate": 1e-2, "momentum": 0.9},
+  "reversible_adam": {"learning_rate": 1e-1},
+  "reversible_adamw": {"learning_rate": 1e-1},
+  "reversible_rmsprop": {"learning_rate": 5e-3, "momentum": 0.9},
+}
 REVERSIBLE = {
-  "alias": [{"opt_name": "reversible_sgd", "opt_kwargs": {"learning_rate": 1e-2, "momentum": 0.9}}],
+  "alias": [{"opt_name": n, "opt_kwargs": k} for n, k in _KWARGS.items()],
   "contrib": [
-    {
-      "opt_name": "reversible_sgd",
-      "opt_kwargs": {"learning_rate": 1e-2, "momentum": 0.9},
-      "wrapper_name": None,
-      "wrapper_kwargs": None,
-    }
+    {"opt_name": n, "opt_kwargs": k, "wrapper_name": None, "wrapper_kwargs": None}
+    for n, k in _KWARGS.items()
   ],
 }
 
@@ -132,7 +154,8 @@ def _last_line(text: str) -> str:
 
 
 def run() -> list[dict]:
-  alias.reversible_sgd = reversible_sgd  # optax's tests look optimizers up by name
+  for factory in FACTORIES:  # optax's tests look optimizers up by name
+    setattr(alias, factory.__name__, factory)
   rows = []
   for kind, prefixes in GENERIC.items():
     module = _load(kind)
