@@ -46,6 +46,14 @@ RESULTS = HERE / "results"
 B1, B2, EPS, WD, DECAY, MOMENTUM, LR = 0.9, 0.999, 1e-8, 1e-2, 0.9, 0.9, 1e-3
 
 
+def _applied(rate):
+  """The rate the exact rules apply: ``1 - round(float32(1 - rate) 2**32) / 2**32``.  The
+  baselines use it: RMSProp here moves its per-step hypergradients by 2% at T = 1,000 when
+  ``decay`` moves by 1.5e-8 (measured in float64), so unquantized baselines would compare
+  two different training runs."""
+  return 1 - float(np.round(np.float32(1 - rate) * 2.0**32)) / 2**32
+
+
 def _loss(params, hparams, batch):
   return common.cross_entropy(params, *batch)
 
@@ -59,16 +67,17 @@ def _wd(hparams, t):
 
 
 def _float_adamw(params, hparams, data, num_steps, checkpoint):
-  """AdamW in floats, one ``lax.scan`` (the dynamics of ``AdamRule``, unquantized)."""
+  """AdamW in floats, one ``lax.scan`` (the dynamics of ``AdamRule`` at its applied rates)."""
+  b1, b2 = _applied(B1), _applied(B2)
 
   def step(carry, t):
     w, m, v = carry
     b = t % data[0].shape[0]
     g = jax.grad(_loss)(w, hparams, (data[0][b], data[1][b]))
     lr, wd = _lr(hparams, t), _wd(hparams, t)
-    m = jax.tree.map(lambda m, g: B1 * m + (1 - B1) * g, m, g)
-    v = jax.tree.map(lambda v, g: B2 * v + (1 - B2) * g * g, v, g)
-    c1, c2 = 1 - B1 ** (t + 1), 1 - B2 ** (t + 1)
+    m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, g)
+    v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
+    c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
 
     def update(w, m, v):
       root = jnp.sqrt(jnp.maximum(v / c2, 1e-30))
@@ -82,13 +91,15 @@ def _float_adamw(params, hparams, data, num_steps, checkpoint):
 
 
 def _float_rmsprop(params, hparams, data, num_steps, checkpoint):
+  decay, momentum = _applied(DECAY), _applied(MOMENTUM)
+
   def step(carry, t):
     w, v, mom = carry
     b = t % data[0].shape[0]
     g = jax.grad(_loss)(w, hparams, (data[0][b], data[1][b]))
     lr = _lr(hparams, t)
-    v = jax.tree.map(lambda v, g: DECAY * v + (1 - DECAY) * g * g, v, g)
-    mom = jax.tree.map(lambda mom, g, v: MOMENTUM * mom - lr * g / jnp.sqrt(v + EPS), mom, g, v)
+    v = jax.tree.map(lambda v, g: decay * v + (1 - decay) * g * g, v, g)
+    mom = jax.tree.map(lambda mom, g, v: momentum * mom - lr * g / jnp.sqrt(v + EPS), mom, g, v)
     return (jax.tree.map(lambda w, mom: w + mom, w, mom), v, mom), None
 
   step = jax.checkpoint(step) if checkpoint else step
