@@ -102,6 +102,26 @@ def relative_errors(got, want):
 SIZES = (64, 16, 10)
 
 
+def _init(base, hp, dtype):
+  """The MLP's params: ``base`` cut into the layers' weights, scaled by ``exp(log_init_scale)``."""
+  params, offset = {}, 0
+  for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+    w = base[offset : offset + a * b].reshape(a, b).astype(dtype) / np.sqrt(a)
+    offset += a * b
+    params[f"layer{i}"] = {"w": jnp.exp(hp["log_init_scale"][i]) * w, "b": jnp.zeros(b, dtype)}
+  return params
+
+
+def _logits(params, x):
+  n_layers = len(params)
+  h = x
+  for i in range(n_layers):
+    h = h @ params[f"layer{i}"]["w"] + params[f"layer{i}"]["b"]
+    if i < n_layers - 1:
+      h = jnp.tanh(h)
+  return h
+
+
 def meta_problem(dtype=jnp.float32, num_steps=60, batch_size=20, num_batches=6):
   """Returns ``(val_loss(hp, train_fn), hparams)`` for the all-kinds problem."""
   xb, yb, xv, yv = digits_data(num_train=batch_size * num_batches, batch_size=batch_size)
@@ -113,24 +133,11 @@ def meta_problem(dtype=jnp.float32, num_steps=60, batch_size=20, num_batches=6):
   n_layers = len(SIZES) - 1
 
   def init(hp):
-    params, offset = {}, 0
-    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
-      w = base[offset : offset + a * b].reshape(a, b).astype(dtype) / np.sqrt(a)
-      offset += a * b
-      params[f"layer{i}"] = {"w": jnp.exp(hp["log_init_scale"][i]) * w, "b": jnp.zeros(b, dtype)}
-    return params
-
-  def logits(params, x):
-    h = x
-    for i in range(n_layers):
-      h = h @ params[f"layer{i}"]["w"] + params[f"layer{i}"]["b"]
-      if i < n_layers - 1:
-        h = jnp.tanh(h)
-    return h
+    return _init(base, hp, dtype)
 
   def loss_fn(params, hp, batch):
     x, y, i = batch
-    logp = jax.nn.log_softmax(logits(params, x))
+    logp = jax.nn.log_softmax(_logits(params, x))
     nll = -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
     weights = jax.nn.softmax(hp["example_logit"][i]) * i.shape[0]
     l2 = sum(jnp.sum(jnp.exp(hp["log_l2"][k]) * params[k]["w"] ** 2) for k in params)
@@ -163,7 +170,7 @@ def meta_problem(dtype=jnp.float32, num_steps=60, batch_size=20, num_batches=6):
   def val_loss(hp, train_fn):
     batches = (hp["train_x"], yb, idx)
     trained = train_fn(loss_fn, init(hp), hp, batches, num_steps, learning_rate, momentum)
-    logp = jax.nn.log_softmax(logits(trained, xv))
+    logp = jax.nn.log_softmax(_logits(trained, xv))
     return -jnp.mean(jnp.take_along_axis(logp, yv[:, None], axis=1))
 
   return val_loss, hparams
@@ -305,24 +312,11 @@ def adam_meta_problem(
   n_layers = len(SIZES) - 1
 
   def init(hp):
-    params, offset = {}, 0
-    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
-      w = base[offset : offset + a * b].reshape(a, b).astype(dtype) / np.sqrt(a)
-      offset += a * b
-      params[f"layer{i}"] = {"w": jnp.exp(hp["log_init_scale"][i]) * w, "b": jnp.zeros(b, dtype)}
-    return params
-
-  def logits(params, x):
-    h = x
-    for i in range(n_layers):
-      h = h @ params[f"layer{i}"]["w"] + params[f"layer{i}"]["b"]
-      if i < n_layers - 1:
-        h = jnp.tanh(h)
-    return h
+    return _init(base, hp, dtype)
 
   def loss_fn(params, hp, batch):
     x, y = batch
-    logp = jax.nn.log_softmax(logits(params, x))
+    logp = jax.nn.log_softmax(_logits(params, x))
     return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
   lr = _per_layer(lambda hp, t, i: jnp.exp(hp["log_lr"][t, i]), n_layers)
@@ -358,7 +352,7 @@ def adam_meta_problem(
 
   def val_loss(hp, train_fn):
     trained = train_fn(loss_fn, init(hp), hp, (hp["train_x"], yb), num_steps, schedules)
-    logp = jax.nn.log_softmax(logits(trained, xv))
+    logp = jax.nn.log_softmax(_logits(trained, xv))
     return -jnp.mean(jnp.take_along_axis(logp, yv[:, None], axis=1))
 
   return val_loss, hparams
