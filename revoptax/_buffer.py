@@ -97,6 +97,18 @@ def init(shape, capacity: int) -> BufferState:
   )
 
 
+def segment_capacity(window_bits: float, num_steps: int, variance: float = 0.0) -> int:
+  """Rows of stack needed for one segment of a run, emptied at the segment's start.
+
+  The segment starts with heads anywhere below ``2**56`` (the spill
+  threshold), so its first spill may come at once: the rows are those of
+  :func:`capacity_for` for a run whose heads start 24 bits higher, with
+  ``window_bits`` the segment's total cost (the costliest segment's) and the
+  spread and coding-loss margins of the whole run of ``num_steps`` steps.
+  """
+  return capacity_for(float(window_bits) + 24.0, num_steps, variance)
+
+
 def quantize_momentum(gamma, momentum_bits: int) -> jax.Array:
   """``n = round(gamma * 2**k)`` clipped to ``[2**(k-8), 2**k - 1]`` (uint32).
 

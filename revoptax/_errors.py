@@ -145,6 +145,12 @@ MESSAGES = {
     "buffer contents were lost or altered between the passes (a state or residual modified "
     "outside revoptax, or a revoptax bug: please report it). The reversal cannot be trusted."
   ),
+  "segment_start": (
+    "reversing the segment that starts at step {step} did not end at the exact state stored "
+    "there (leaf {leaf}), although every per-step check passed: the forward pass re-run from "
+    "that checkpoint differed from the first one, or the checkpoint was altered between the "
+    "passes. " + _NONDETERMINISM_CAUSES + "."
+  ),
   "initial": (
     "the reversal did not end at the initial exact state (leaf {leaf}); the hypergradient "
     "is not trustworthy. Every per-step check passed, so the state was altered between the "

@@ -197,7 +197,14 @@ def concrete_chunks(fn: Callable, num_steps: int) -> Iterator[Any] | None:
   return chunks()
 
 
-def plan(rule, per_steps: Mapping[str, Callable], combos, num_steps: int, api: str):
+def plan(
+  rule,
+  per_steps: Mapping[str, Callable],
+  combos,
+  num_steps: int,
+  api: str,
+  segment_steps: int | None = None,
+):
   """Check concrete hyperparameters and size the buffer of each combination of values.
 
   Args:
@@ -207,6 +214,10 @@ def plan(rule, per_steps: Mapping[str, Callable], combos, num_steps: int, api: s
     combos: the combinations to size, each ``{name: index of the value}``.
     num_steps: steps the buffer must hold.
     api: the public function, for messages.
+    segment_steps: if given, the buffer holds one segment of this many
+      consecutive steps (emptied at each segment's start, see
+      :func:`segment_capacity`), so it is sized for the costliest window of
+      that length.
 
   Returns:
     ``(rows, learned)``: buffer rows per combination, and per hyperparameter
@@ -219,8 +230,8 @@ def plan(rule, per_steps: Mapping[str, Callable], combos, num_steps: int, api: s
   chunks = dict.fromkeys(rule.hyperparameters)  # a name not given counts as learned
   chunks.update({k: concrete_chunks(fn, num_steps) for k, fn in per_steps.items()})
   learned = {k: it is None for k, it in chunks.items()}
-  totals = [0.0] * len(combos)
-  variances = [0.0] * len(combos)
+  means = [[] for _ in combos]
+  variances = [[] for _ in combos]
   done = 0
   while done < num_steps:
     steps = min(_CHUNK_STEPS, num_steps - done)
@@ -230,11 +241,28 @@ def plan(rule, per_steps: Mapping[str, Callable], combos, num_steps: int, api: s
       if not all(learned.values()):
         _check_concrete(rule, mine, learned, done, api)
       mean, variance = (np.asarray(x, np.float64) for x in rule.bits_per_step(mine))
-      totals[c] += float(np.broadcast_to(mean, (steps,)).sum())
-      variances[c] += float(np.broadcast_to(variance, (steps,)).sum())
+      means[c].append(np.broadcast_to(mean, (steps,)))
+      variances[c].append(np.broadcast_to(variance, (steps,)))
     done += steps
-  rows = [buffer_lib.capacity_for(t, num_steps, v) for t, v in zip(totals, variances)]
+  rows = []
+  for mean, variance in zip(means, variances):
+    mean, variance = np.concatenate(mean), np.concatenate(variance)
+    if segment_steps is None:
+      rows.append(buffer_lib.capacity_for(mean.sum(), num_steps, variance.sum()))
+    else:
+      rows.append(
+        buffer_lib.segment_capacity(
+          _largest_window(mean, segment_steps), num_steps, _largest_window(variance, segment_steps)
+        )
+      )
   return rows, learned
+
+
+def _largest_window(per_step: np.ndarray, length: int) -> float:
+  """The largest sum of ``length`` consecutive entries of ``per_step`` (all if shorter)."""
+  sums = np.concatenate([[0.0], np.cumsum(per_step)])
+  length = min(length, per_step.size)
+  return float(np.max(sums[length:] - sums[:-length]))
 
 
 def _check_concrete(rule, values, learned, first_step, api):

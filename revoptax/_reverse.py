@@ -92,4 +92,9 @@ def heads_print(states: Sequence) -> jax.Array:
   A lost or altered row, or a wrong symbol, changes them (the low word of an
   un-spilled head is the row itself), so the high words need no fingerprint.
   """
-  return fingerprint_all([s.buffer.head_lo for s in states])
+  return buffers_print([s.buffer for s in states])
+
+
+def buffers_print(buffers: Sequence) -> jax.Array:
+  """:func:`heads_print` of the states holding ``buffers``."""
+  return fingerprint_all([b.head_lo for b in buffers])

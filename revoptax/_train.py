@@ -69,6 +69,7 @@ class _Config:
   check_drift: bool
   on_drift: str
   unroll: int
+  segment_steps: int | None
 
   @property
   def learned_map(self) -> dict[str, bool]:
@@ -89,6 +90,7 @@ def train(
   check_drift: bool = True,
   on_drift: str = "raise",
   unroll: int = 1,
+  segment_steps: int | None = None,
   **hyperparameters: Callable,
 ):
   r"""Train with an exactly reversible rule; differentiable by reversal.
@@ -130,6 +132,12 @@ def train(
     on_drift: ``"raise"`` (default) or ``"nan"`` (warn and return NaN
       hypergradients).
     unroll: ``lax.scan`` unroll factor.
+    segment_steps: ``K``: store the exact state every ``K`` steps and empty
+      the buffer there, so the buffer holds ``K`` steps instead of ``T``;
+      the backward pass re-runs each segment forward from its checkpoint to
+      regenerate its rows, then reverses it (memory ``ceil(T / K)`` exact
+      states plus ``K`` steps of buffer; time about one more forward pass;
+      the same hypergradient bit for bit).  Default: one segment.
     **hyperparameters: one function ``(hparams, t) -> value`` per name in
       ``rule.hyperparameters``, evaluated at each step ``t`` (a traced int32)
       inside the loop.  A value is a scalar, an array broadcastable to every
@@ -165,6 +173,7 @@ def train(
   """
   rule = MomentumSGDRule() if rule is None else rule
   _check_options(rule, num_steps, on_drift, hyperparameters)
+  segment_steps = _segment_option(segment_steps, num_steps)
   hyperparameters = {
     **{n: _constant(v) for n, v in rule.defaults.items() if n not in hyperparameters},
     **hyperparameters,
@@ -192,7 +201,12 @@ def train(
     for name in schedules.names
   }
   combo_rows, learned = _hyper.plan(
-    rule, per_steps, [dict(zip(schedules.names, c)) for c in combos], num_steps, API
+    rule,
+    per_steps,
+    [dict(zip(schedules.names, c)) for c in combos],
+    num_steps,
+    API,
+    segment_steps=segment_steps,
   )
   if buffer_rows is not None:
     rows = [int(buffer_rows)] * len(leaves)
@@ -225,6 +239,7 @@ def train(
     check_drift=check_drift,
     on_drift=on_drift,
     unroll=unroll,
+    segment_steps=segment_steps,
   )
   w_T, state_T, fails = _run_compiled(config, leaves, h_float, b_float, h_other, b_other, key)
   if any(isinstance(x, jax.core.Tracer) for x in fails.values()):
@@ -262,6 +277,22 @@ def _check_options(rule, num_steps, on_drift, hyperparameters):
         f"{API}: {name} must be a callable (hparams, t) -> value, got {fn!r}; "
         f"for a constant write {name}=lambda hp, t: {fn!r}."
       )
+
+
+def _segment_option(segment_steps, num_steps) -> int | None:
+  """``segment_steps`` checked; None for a single segment."""
+  if segment_steps is None:
+    return None
+  if (
+    not isinstance(segment_steps, (int, np.integer))
+    or isinstance(segment_steps, bool)
+    or segment_steps <= 0
+  ):
+    raise ValueError(
+      f"{API}: segment_steps must be a positive int (steps between stored exact states) or "
+      f"None, got {segment_steps!r}."
+    )
+  return None if segment_steps >= num_steps else int(segment_steps)
 
 
 def _constant(value):
@@ -402,23 +433,29 @@ def _first(codes, flag, t):
   return jnp.where((codes < 0) & flag, t, codes).astype(jnp.int32)
 
 
-def _forward(config: _Config, params, h_float, b_float, h_other, b_other, key):
+def _fresh_codes(config: _Config, states):
+  """Per group: the first step of each hyperparameter check and of a full buffer; per
+  element: ``2 t + 1`` for a non-finite gradient first seen at step t, ``2 t`` for an
+  overflow (reduced once after the loop, not every step)."""
+  scalar_codes = {c: [jnp.int32(-1)] * len(states) for c in config.hyper_checks + ("buffer",)}
+  element_codes = [jnp.full(s.buffer.head_lo.shape, -1, jnp.int32) for s in states]
+  return scalar_codes, element_codes
+
+
+def _forward_body(config: _Config, h_float, b_float, h_other, b_other, key):
+  """``body(carry, t) -> (carry, prints)``: exact step ``t`` of every group, with its checks.
+
+  Carry: ``(states, p_t, scalar_codes, element_codes)``.  The params each
+  gradient sees are carried from the previous iteration in both passes: a
+  loop-carried buffer, never fused with the step's arithmetic, so XLA compiles
+  the gradient the same way forward and backward (measured: fused in, a
+  reduction inside the gradient changed its last bit).
+  """
   rule = config.rule
   grad = _grad_fn(config, h_other, b_other)
   hyper = _hyper_fn(config, h_other)
   learned = config.learned_map
-  states, oks = zip(*(rule.init(g.pack(params), g.rows) for g in config.groups))
-  init_ok = [jnp.all(ok) for ok in _unpack_all(config, oks)]
-  # Per group: the first step of each hyperparameter check and of a full buffer;
-  # per element: 2 t + 1 for a non-finite gradient first seen at step t, 2 t for
-  # an overflow (reduced once after the loop, not every step).
-  scalar_codes = {c: [jnp.int32(-1)] * len(states) for c in config.hyper_checks + ("buffer",)}
-  element_codes = [jnp.full(s.buffer.head_lo.shape, -1, jnp.int32) for s in states]
 
-  # The params each gradient sees are carried from the previous iteration in
-  # both passes: a loop-carried buffer, never fused with the step's arithmetic,
-  # so XLA compiles the gradient the same way forward and backward (measured:
-  # fused in, a reduction inside the gradient changed its last bit).
   def body(carry, t):
     states, p_t, scalar_codes, element_codes = carry
     _, batch_f, batch_o = _batch(config, b_float, b_other, t)
@@ -441,14 +478,88 @@ def _forward(config: _Config, params, h_float, b_float, h_other, b_other, key):
       prints = jnp.stack(
         [fingerprint_all(g), _reverse.heads_print(new_states), _values_print(values)]
       )
-    carry = (new_states, _params(config, new_states), new_scalar, new_element)
-    return carry, prints
+    return (new_states, _params(config, new_states), new_scalar, new_element), prints
 
-  init = (list(states), _params(config, states), scalar_codes, element_codes)
-  (states, _, scalar_codes, element_codes), prints = lax.scan(
-    body, init, jnp.arange(config.num_steps), unroll=config.unroll
+  return body
+
+
+def _forward(config: _Config, params, h_float, b_float, h_other, b_other, key):
+  rule = config.rule
+  states, oks = zip(*(rule.init(g.pack(params), g.rows) for g in config.groups))
+  init_ok = [jnp.all(ok) for ok in _unpack_all(config, oks)]
+  body = _forward_body(config, h_float, b_float, h_other, b_other, key)
+  init = (list(states), _params(config, states), *_fresh_codes(config, states))
+  if config.segment_steps is None:
+    carry, prints = lax.scan(body, init, jnp.arange(config.num_steps), unroll=config.unroll)
+    checkpoints = None
+  else:
+    carry, prints, checkpoints = _forward_segments(config, body, init)
+  states, _, scalar_codes, element_codes = carry
+  return states, prints, checkpoints, _failures(config, init_ok, scalar_codes, element_codes)
+
+
+# ----------------------------------------------------------------------------
+# Segments: the exact state stored every ``segment_steps`` steps, the buffer
+# emptied there.  The forward pass never reads the buffer's rows (it only
+# spills them), so a segment's rows are regenerated by re-running it from its
+# checkpoint, bit for bit, before it is reversed.
+
+
+def _segment_starts(config: _Config) -> np.ndarray:
+  return np.arange(0, config.num_steps, config.segment_steps, dtype=np.int32)
+
+
+def _begin_segment(states):
+  """``(states, checkpoint)``: the buffers emptied (rows become free space) and the
+  exact state without the rows, to restore the segment from."""
+  states = [s._replace(buffer=s.buffer._replace(size=jnp.zeros((), jnp.int32))) for s in states]
+  return states, [_without_rows(s) for s in states]
+
+
+def _without_rows(state):
+  return state._replace(buffer=state.buffer._replace(stack=None, row_step=None))
+
+
+def _restore(states, checkpoint):
+  """The checkpointed states, holding the stacks of ``states`` as free space."""
+  return [
+    c._replace(buffer=c.buffer._replace(stack=s.buffer.stack, row_step=s.buffer.row_step))
+    for s, c in zip(states, checkpoint)
+  ]
+
+
+def _forward_segments(config: _Config, body, carry):
+  """The forward loop in segments: ``(carry, prints, (checkpoints, last_checkpoint))``.
+
+  All segments but the last have ``segment_steps`` steps, run by one outer
+  scan whose outputs are their checkpoints (stacked); the last one, of
+  ``1 .. segment_steps`` steps, keeps its rows for the backward pass.
+  """
+  starts, length = _segment_starts(config), config.segment_steps
+
+  def segment(carry, start):
+    states, checkpoint = _begin_segment(carry[0])
+    carry, prints = lax.scan(
+      body, (states, *carry[1:]), start + jnp.arange(length), unroll=config.unroll
+    )
+    return carry, (checkpoint, prints)
+
+  prints, checkpoints = [], None
+  if len(starts) > 1:
+    carry, (checkpoints, full_prints) = lax.scan(segment, carry, jnp.asarray(starts[:-1]))
+    prints.append(full_prints)
+  states, last_checkpoint = _begin_segment(carry[0])
+  carry, last_prints = lax.scan(
+    body,
+    (states, *carry[1:]),
+    jnp.arange(starts[-1], config.num_steps),
+    unroll=config.unroll,
   )
-  return states, prints, _failures(config, init_ok, scalar_codes, element_codes)
+  if config.check_drift:
+    prints = jnp.concatenate([p.reshape(-1, p.shape[-1]) for p in prints] + [last_prints])
+  else:
+    prints = None
+  return carry, prints, (checkpoints, last_checkpoint)
 
 
 def _failures(config: _Config, init_ok, scalar_codes, element_codes) -> dict:
@@ -481,7 +592,7 @@ def _failures(config: _Config, init_ok, scalar_codes, element_codes) -> dict:
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _run(config, params, h_float, b_float, h_other, b_other, key):
-  states, _, fails = _forward(config, params, h_float, b_float, h_other, b_other, key)
+  states, _, _, fails = _forward(config, params, h_float, b_float, h_other, b_other, key)
   return _outputs(config, states) + (fails,)
 
 
@@ -515,10 +626,12 @@ def _run_fwd(config, *args):
   values = jax.tree.map(lambda x: x.value, args, is_leaf=_is_primal)
   perturbed = jax.tree.map(lambda x: x.perturbed, args, is_leaf=_is_primal)
   params, h_float, b_float, h_other, b_other, key = values
-  states, prints, fails = _forward(config, params, h_float, b_float, h_other, b_other, key)
+  states, prints, checkpoints, fails = _forward(
+    config, params, h_float, b_float, h_other, b_other, key
+  )
   # Which cotangents are needed is static: encode it in the residuals' structure.
   needs = tuple((None,) if any(jax.tree.leaves(perturbed[i])) else () for i in (1, 2))
-  residuals = (states, prints, params, h_float, b_float, h_other, b_other, key)
+  residuals = (states, prints, checkpoints, params, h_float, b_float, h_other, b_other, key)
   return _outputs(config, states) + (fails,), (residuals, needs)
 
 
@@ -530,11 +643,9 @@ def _dense(cotangent, dtype):
 
 def _run_bwd(config: _Config, saved, cotangents):
   residuals, (need_h, need_b) = saved
-  states, prints, params0, h_float, b_float, h_other, b_other, key = residuals
+  states, prints, checkpoints, params0, h_float, b_float, h_other, b_other, key = residuals
   need_h, need_b = bool(need_h), bool(need_b)
-  rule, groups = config.rule, config.groups
-  grad = _grad_fn(config, h_other, b_other)
-  hyper = _hyper_fn(config, h_other)
+  groups = config.groups
   d_w, d_opt, _ = cotangents
   d_w = [g.pack([_dense(x, _compute_dtype(p.dtype)) for x, p in zip(d_w, params0)]) for g in groups]
   d_opt = tuple(
@@ -546,20 +657,76 @@ def _run_bwd(config: _Config, saved, cotangents):
   # Per check, the first step (from the end) that failed: the hyperparameter
   # values, the recomputed gradient, the undone buffer heads.
   drift0 = jnp.full((3,), -1, jnp.int32)
-  fresh_heads = _reverse.heads_print(
-    [s._replace(buffer=buffer_lib.init(s.buffer.head_lo.shape, 0)) for s in states]
+  body = _reverse_body(config, prints, need_h, need_b, h_float, b_float, h_other, b_other, key)
+  hyper = _hyper_fn(config, h_other)
+
+  def begin(states, last):
+    """The loop carry's exact part for a segment whose last step is ``last``."""
+    values = hyper(h_float, last)
+    states = _undo_params(config, states, values, last)
+    return states, _params(config, states), values
+
+  grads = (d_w, d_opt, d_h, d_b, drift0)
+  if config.segment_steps is None:
+    carry = (*begin(states, config.num_steps - 1), *grads)
+    ts = jnp.arange(config.num_steps)
+    carry, _ = lax.scan(body, carry, (ts, jnp.zeros_like(ts)), reverse=True, unroll=config.unroll)
+    segment_codes = None
+  else:
+    carry, segment_codes = _reverse_segments(
+      config,
+      body,
+      begin,
+      states,
+      checkpoints,
+      prints,
+      grads,
+      (h_float, b_float, h_other, b_other, key),
+    )
+  states, _, _, d_w, _, d_h, d_b, drift = carry
+  failed = _check_reversal(config, states, params0, drift, segment_codes)
+
+  def poison(x):
+    return jnp.where(failed, jnp.full_like(x, jnp.nan), x)
+
+  d_params = [poison(x.astype(p.dtype)) for x, p in zip(_unpack_all(config, d_w), params0)]
+  return (
+    d_params,
+    [poison(x) for x in d_h] if need_h else [None for _ in h_float],
+    [poison(x) for x in d_b] if need_b else [None for _ in b_float],
+    [None for _ in h_other],
+    [None for _ in b_other],
+    None,
   )
 
-  def undo_params(states, values, t):
-    return [
-      _reverse.undo_params(rule, s, _group_hp(config, values, g), t, g.dtype)
-      for s, g in zip(states, groups)
-    ]
 
-  # Carry: the exact state with w already at step t, the params p_t (see the
-  # forward pass on why they are loop-carried) and the values h_t used to undo
-  # w_{t+1} (each exact quantity is computed once per pass).
-  def body(carry, t):
+def _undo_params(config: _Config, states, values, t):
+  return [
+    _reverse.undo_params(config.rule, s, _group_hp(config, values, g), t, g.dtype)
+    for s, g in zip(states, config.groups)
+  ]
+
+
+def _reverse_body(config: _Config, prints, need_h, need_b, h_float, b_float, h_other, b_other, key):
+  """``body(carry, (t, first)) -> (carry, None)``: undo step ``t`` and add its VJP.
+
+  Carry: ``(states, p_t, h_t, d_w, d_opt, d_h, d_b, drift)``, the exact state
+  with ``w`` already at step ``t``, the params ``p_t`` (see
+  :func:`_forward_body` on why they are loop-carried) and the values ``h_t``
+  used to undo ``w_{t+1}`` (each exact quantity is computed once per pass).
+  The weights of step ``t - 1`` are undone unless ``t`` is ``first``, the
+  first step of its segment.
+  """
+  rule, groups = config.rule, config.groups
+  grad = _grad_fn(config, h_other, b_other)
+  hyper = _hyper_fn(config, h_other)
+  if config.check_drift:
+    fresh_heads = _reverse.buffers_print(
+      [buffer_lib.init((g.size,) if g.flat else g.shapes[0], 0) for g in groups]
+    )
+
+  def body(carry, xs):
+    t, first = xs
     states, p_t, values, d_w, d_opt, d_h, d_b, drift = carry
     b_t, batch_f, batch_o = _batch(config, b_float, b_other, t)
     key_t = _step_key(config, key, t)
@@ -583,7 +750,7 @@ def _run_bwd(config: _Config, saved, cotangents):
           _reverse.heads_print(states) != heads_before,
         ]
       )
-      drift = jnp.where((drift < 0) & differs, t, drift).astype(jnp.int32)
+      drift = _first_drift(drift, differs, t)
     d_values = jax.tree.map(jnp.zeros_like, values)
     new_d_w, new_d_opt, d_g = [], [], []
     for s, g_i, group, dw, dopt in zip(states, g, groups, d_w, d_opt):
@@ -606,10 +773,10 @@ def _run_bwd(config: _Config, saved, cotangents):
       lax.dynamic_update_index_in_dim(x, lax.dynamic_index_in_dim(x, b_t, 0, False) + y, b_t, 0)
       for x, y in zip(d_b, db_hvp)
     ]
-    # Undo the weight update of step t - 1 (none before step 0).
+    # Undo the weight update of step t - 1 (none before the segment's first step).
     earlier_values = hyper(h_float, jnp.maximum(t - 1, 0))
-    earlier = undo_params(states, earlier_values, jnp.maximum(t - 1, 0))
-    states = [_select(t > 0, e, s) for s, e in zip(states, earlier)]
+    earlier = _undo_params(config, states, earlier_values, jnp.maximum(t - 1, 0))
+    states = [_select(t > first, e, s) for s, e in zip(states, earlier)]
     carry = (
       states,
       _params(config, states),
@@ -622,26 +789,79 @@ def _run_bwd(config: _Config, saved, cotangents):
     )
     return carry, None
 
-  last_values = hyper(h_float, config.num_steps - 1)
-  states = undo_params(states, last_values, config.num_steps - 1)
-  init = (states, _params(config, states), last_values, d_w, d_opt, d_h, d_b, drift0)
-  (states, _, _, d_w, _, d_h, d_b, drift), _ = lax.scan(
-    body, init, jnp.arange(config.num_steps), reverse=True, unroll=config.unroll
-  )
-  failed = _check_reversal(config, states, params0, drift)
+  return body
 
-  def poison(x):
-    return jnp.where(failed, jnp.full_like(x, jnp.nan), x)
 
-  d_params = [poison(x.astype(p.dtype)) for x, p in zip(_unpack_all(config, d_w), params0)]
-  return (
-    d_params,
-    [poison(x) for x in d_h] if need_h else [None for _ in h_float],
-    [poison(x) for x in d_b] if need_b else [None for _ in b_float],
-    [None for _ in h_other],
-    [None for _ in b_other],
-    None,
+def _first_drift(drift, differs, t):
+  """``drift`` with step ``t`` recorded for each check in ``differs``, unless one was
+  recorded already (the first detection, from the end, names the cause)."""
+  return jnp.where(jnp.any(drift >= 0), drift, jnp.where(differs, t, -1)).astype(jnp.int32)
+
+
+def _rerun_drift(drift, rerun_prints, prints, start):
+  """``drift`` with the earliest step at which a segment's re-run differs from the forward
+  pass (its fingerprints), per check, unless one was recorded already."""
+  saved = lax.dynamic_slice_in_dim(prints, start, rerun_prints.shape[0], 0)
+  # Columns (gradient, heads after the step, values) to the checks' order (values, gradient, heads).
+  differs = (rerun_prints != saved)[:, jnp.array([2, 0, 1])]
+  earliest = jnp.argmax(jnp.any(differs, axis=1))
+  found = _first_drift(drift, differs[earliest], start + earliest)
+  return jnp.where(jnp.any(differs), found, drift)
+
+
+def _reverse_segments(config: _Config, body, begin, states, checkpoints, prints, grads, inputs):
+  """The backward loop in segments: ``(carry, segment_codes)``.
+
+  The last segment is reversed from the forward pass's final state (its rows
+  are still there); every earlier one is first re-run forward from its
+  checkpoint, regenerating its rows, then reversed.  Each reversal must end
+  at the segment's checkpoint: ``segment_codes`` holds, per group, the start
+  of the latest segment where it did not (or -1).
+  """
+  full_checkpoints, last_checkpoint = checkpoints
+  starts, length = _segment_starts(config), config.segment_steps
+  forward = _forward_body(config, *inputs)
+
+  def reverse(carry, start, stop):
+    ts = jnp.arange(length) + start if stop is None else jnp.arange(start, stop)
+    return lax.scan(
+      body, carry, (ts, jnp.full_like(ts, start)), reverse=True, unroll=config.unroll
+    )[0]
+
+  def check(codes, states, checkpoint, start):
+    same = [_same_exact_state(s, c) for s, c in zip(states, checkpoint)]
+    return [jnp.where((code < 0) & ~ok, start, code) for code, ok in zip(codes, same)]
+
+  carry = (*begin(states, config.num_steps - 1), *grads)
+  carry = reverse(carry, int(starts[-1]), config.num_steps)
+  codes = check([jnp.int32(-1)] * len(states), carry[0], last_checkpoint, int(starts[-1]))
+  if len(starts) == 1:
+    return carry, codes
+
+  def segment(scan_carry, xs):
+    carry, codes = scan_carry
+    start, checkpoint = xs
+    rerun = _restore(carry[0], checkpoint)
+    rerun = (rerun, _params(config, rerun), *_fresh_codes(config, rerun))
+    rerun, rerun_prints = lax.scan(forward, rerun, start + jnp.arange(length), unroll=config.unroll)
+    carry = (*begin(rerun[0], start + length - 1), *carry[3:])
+    if config.check_drift:
+      carry = (*carry[:7], _rerun_drift(carry[7], rerun_prints, prints, start))
+    carry = reverse(carry, start, None)
+    return (carry, check(codes, carry[0], checkpoint, start)), None
+
+  (carry, codes), _ = lax.scan(
+    segment, (carry, codes), (jnp.asarray(starts[:-1]), full_checkpoints), reverse=True
   )
+  return carry, codes
+
+
+def _same_exact_state(state, checkpoint) -> jax.Array:
+  """Whether a reversed segment's state is its checkpoint (size 0; rows are free space)."""
+  same = state.buffer.size == 0
+  for a, b in zip(jax.tree.leaves(_without_rows(state)), jax.tree.leaves(checkpoint)):
+    same = same & jnp.all(a == b)
+  return same
 
 
 def _select(pred, new, old):
@@ -655,7 +875,7 @@ def _select(pred, new, old):
   return chosen._replace(buffer=chosen.buffer._replace(stack=new.buffer.stack))
 
 
-def _check_reversal(config: _Config, states, params0, drift) -> jax.Array:
+def _check_reversal(config: _Config, states, params0, drift, segment_codes) -> jax.Array:
   """Report drift and a reversal that did not end at the initial state; whether either."""
   if not config.check_drift:
     return jnp.zeros((), bool)
@@ -668,6 +888,12 @@ def _check_reversal(config: _Config, states, params0, drift) -> jax.Array:
     kind: jnp.where((first_kind == k) & (latest >= 0), latest, -1)[None]
     for k, kind in enumerate(("hyper_drift", "drift_step", "buffer_corrupt"))
   }
+  if segment_codes is not None:
+    per_leaf = [None] * len(params0)
+    for code, group in zip(segment_codes, config.groups):
+      for i in group.leaves:
+        per_leaf[i] = code
+    codes["segment_start"] = jnp.stack(per_leaf)
   initial = [None] * len(params0)
   for state, group in zip(states, config.groups):
     fresh, _ = config.rule.init(group.pack(params0), state.buffer.stack.shape[0])
@@ -676,6 +902,8 @@ def _check_reversal(config: _Config, states, params0, drift) -> jax.Array:
       initial[i] = ~same
   codes["initial"] = jnp.stack(initial)
   failed = jnp.any(drift >= 0) | jnp.any(codes["initial"])
+  if segment_codes is not None:
+    failed = failed | jnp.any(codes["segment_start"] >= 0)
   on_failure = None
   if config.on_drift == "nan":
     on_failure = lambda msg: warnings.warn(msg + " Returning NaN hypergradients.", stacklevel=2)
