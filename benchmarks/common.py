@@ -185,7 +185,9 @@ def float_train(params, hparams, data, num_steps: int, method: str):
   raise ValueError(f"unknown float method {method!r}")
 
 
-def revoptax_train(params, hparams, data, num_steps: int, gamma_floor: float):
+def revoptax_train(
+  params, hparams, data, num_steps: int, gamma_floor: float, segment_steps: int | None = None
+):
   return revoptax.train(
     train_loss,
     params,
@@ -195,6 +197,7 @@ def revoptax_train(params, hparams, data, num_steps: int, gamma_floor: float):
     learning_rate=learning_rate,
     momentum=momentum,
     rule=revoptax.MomentumSGDRule(momentum_floor=gamma_floor),
+    segment_steps=segment_steps,
   )
 
 

@@ -661,8 +661,46 @@ def adaptive_section(adaptive) -> list[str]:
   return lines + [""]
 
 
+def segments_section(segments) -> list[str]:
+  """Horizons past memory: segments against pure reversal and √T chunks (``segments.py``)."""
+  if not segments:
+    return []
+  settings = segments["settings"]
+  lines = [
+    "## Horizons past memory: segments",
+    "",
+    f"`benchmarks/segments.py`: digits MLP ({settings['params']:,} params), T = "
+    f"{settings['T']:,} steps of momentum SGD at momentum {settings['gamma']} (1 bit of buffer "
+    "per parameter per step), hypergradient with respect to per-step learning rates and "
+    "momenta and the L2 penalty; methods compiled, then called round robin "
+    f"({settings['rounds']} rounds, median). Budget: {settings['budget_mb']:g} MB of XLA temp "
+    "memory. `segment_steps = K` stores the exact state every K steps and re-runs each "
+    "segment forward to regenerate its buffer before reversing it.",
+    "",
+    "| method | time | / reversal | XLA temp | fits the budget | hypergradient vs reversal |",
+    "|---|---|---|---|---|---|",
+  ]
+  for row in segments["rows"]:
+    if row["same_bits_as_reversal"]:
+      agreement = "same bits"
+    else:
+      agreement = f"max. rel. diff {row['max_rel_diff_vs_reversal']:.1e}"
+    lines.append(
+      f"| {row['method']} | {row['time_s']:.1f} s | {row['ratio_vs_reversal']:.2f}× | "
+      f"{_mb(row['temp_bytes'])} | {'yes' if row['fits_budget'] else 'no'} | {agreement} |"
+    )
+  return lines + [""]
+
+
 def render(
-  hyper, steps, profile=None, steps_pinned=None, ratios=None, compare=None, adaptive=None
+  hyper,
+  steps,
+  profile=None,
+  steps_pinned=None,
+  ratios=None,
+  compare=None,
+  adaptive=None,
+  segments=None,
 ) -> str:
   lines = [
     "# Benchmarks",
@@ -676,6 +714,7 @@ def render(
     "python benchmarks/time_ratio.py      # the time targets, methods interleaved in one process",
     "python benchmarks/compare_versions.py --before DIR  # this version against an earlier one",
     "python benchmarks/adaptive.py        # Adam(W) and RMSProp against their baselines",
+    "python benchmarks/segments.py        # segment_steps against pure reversal and √T chunks",
     "python benchmarks/report.py          # this page only",
     "```",
     "",
@@ -735,6 +774,7 @@ def render(
     lines += buffer_section(rows)
   lines += versions_section(compare)
   lines += adaptive_section(adaptive)
+  lines += segments_section(segments)
   lines += profile_section(profile)
   lines += steps_section(steps)
   lines += steps_section(steps_pinned)
@@ -759,6 +799,7 @@ def main(argv=None):
     {None: _load("time_ratio.json"), 1: _load("time_ratio_1cpu.json")},
     _load("compare_versions.json"),
     _load("adaptive.json"),
+    _load("segments.json"),
   )
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(text)
