@@ -3,8 +3,8 @@
 Leaves with the same dtype and the same scalar hyperparameters (per step)
 can share one exact state: their values are laid end to end in one
 flat vector, so each exact operation is one loop over all of them instead of
-one per leaf.  A leaf with
-per-element hyperparameters is a group of its own and keeps its shape.
+one per leaf.  A leaf with per-element hyperparameters, and a sharded leaf,
+is a group of its own and keeps its shape.
 
 Used by :func:`revoptax.train` for its loop state (the Optax state keeps one
 array per leaf and quantity, see :mod:`revoptax._optax`).
@@ -32,6 +32,7 @@ class Group:
   hyper: tuple[int, ...]  # per hyperparameter, the index of the group's value
   dtype: Any
   rows: int  # buffer rows
+  sharding: Any = None  # the leaf's NamedSharding (sharded leaves are never packed)
 
   @property
   def size(self) -> int:
@@ -73,8 +74,12 @@ def group_leaves(
   packable: Sequence[bool],
   hyper_of: Sequence[tuple[int, ...]],
   rows: Sequence[int],
+  shardings: Sequence[Any] | None = None,
 ) -> tuple[Group, ...]:
   """Groups of ``leaves``: packable leaves with equal dtype, specs and rows share one.
+
+  A sharded leaf is a group of its own in its shape, so its exact state can be
+  sharded like it (:mod:`revoptax._sharding`).
 
   Args:
     leaves: the params leaves (arrays or shape/dtype structs).
@@ -83,13 +88,15 @@ def group_leaves(
     hyper_of: per leaf, per hyperparameter, the index of the leaf's value
       among the distinct ones.
     rows: per leaf, its buffer rows.
+    shardings: per leaf, its sharding or None (replicated).
 
   Returns:
     The groups, in order of their first leaf.
   """
+  shardings = [None] * len(leaves) if shardings is None else list(shardings)
   members: dict[Hashable, list[int]] = {}
   for i, leaf in enumerate(leaves):
-    if packable[i]:
+    if packable[i] and shardings[i] is None:
       key = (_dtype(leaf).name, hyper_of[i], rows[i])
     else:
       key = ("alone", i)
@@ -102,6 +109,7 @@ def group_leaves(
       hyper=tuple(hyper_of[group[0]]),
       dtype=_dtype(leaves[group[0]]),
       rows=rows[group[0]],
+      sharding=shardings[group[0]],
     )
     for key, group in members.items()
   )

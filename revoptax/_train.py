@@ -36,7 +36,7 @@ from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from revoptax import _buffer as buffer_lib
-from revoptax import _errors, _hyper, _reverse
+from revoptax import _errors, _hyper, _reverse, _sharding
 from revoptax._determinism import fingerprint_all, isolated
 from revoptax._fixed_point import _compute_dtype
 from revoptax._fusion import materialize
@@ -91,6 +91,7 @@ def train(
   on_drift: str = "raise",
   unroll: int = 1,
   segment_steps: int | None = None,
+  sharding=None,
   **hyperparameters: Callable,
 ):
   r"""Train with an exactly reversible rule; differentiable by reversal.
@@ -138,6 +139,12 @@ def train(
       regenerate its rows, then reverses it (memory ``ceil(T / K)`` exact
       states plus ``K`` steps of buffer; time about one more forward pass;
       the same hypergradient bit for bit).  Default: one segment.
+    sharding: optional pytree with the structure of ``params`` holding a
+      ``jax.sharding.NamedSharding`` (or None) per leaf.  A sharded leaf's
+      exact state and buffer are sharded like it.  Needed only for leaves
+      traced under ``jit`` with automatic mesh axes: explicit-axis shardings
+      (``jax.make_mesh``'s default) and concrete sharded arrays are read
+      from the leaves.
     **hyperparameters: one function ``(hparams, t) -> value`` per name in
       ``rule.hyperparameters``, evaluated at each step ``t`` (a traced int32)
       inside the loop.  A value is a scalar, an array broadcastable to every
@@ -188,6 +195,7 @@ def train(
         f"{API}: parameter {name} has dtype {jnp.asarray(leaf).dtype}; params must be "
         "float arrays (integers and other state belong in hparams or batches)."
       )
+  shardings = _leaf_shardings(sharding, params, leaves, names)
   num_batches = _leading_axis(batches)
   _check_no_closure(loss_fn, params, hparams, batches, key)
   for name, fn in hyperparameters.items():
@@ -229,7 +237,7 @@ def train(
     num_steps=int(num_steps),
     num_batches=num_batches,
     groups=group_leaves(
-      leaves, [schedules.is_scalar(i) for i in range(len(leaves))], hyper_of, rows
+      leaves, [schedules.is_scalar(i) for i in range(len(leaves))], hyper_of, rows, shardings
     ),
     params_treedef=treedef,
     leaf_names=names,
@@ -277,6 +285,25 @@ def _check_options(rule, num_steps, on_drift, hyperparameters):
         f"{API}: {name} must be a callable (hparams, t) -> value, got {fn!r}; "
         f"for a constant write {name}=lambda hp, t: {fn!r}."
       )
+
+
+def _leaf_shardings(sharding, params, leaves, names) -> list:
+  """Per leaf, the sharding its exact state follows (None: replicated)."""
+  if sharding is None:
+    return [_sharding.of_leaf(leaf) for leaf in leaves]
+  try:
+    given = jax.tree.flatten(sharding, is_leaf=lambda x: x is None)[0]
+    structure_ok = jax.tree.structure(sharding, is_leaf=lambda x: x is None) == jax.tree.structure(
+      jax.tree.map(lambda _: None, params), is_leaf=lambda x: x is None
+    )
+  except Exception:
+    structure_ok = False
+  if not structure_ok or len(given) != len(leaves):
+    raise ValueError(
+      f"{API}: sharding must have the structure of params (one NamedSharding or None per "
+      f"leaf), got {jax.tree.structure(sharding)} for params {jax.tree.structure(params)}."
+    )
+  return [_sharding.check(s, leaf, name, API) for s, leaf, name in zip(given, leaves, names)]
 
 
 def _segment_option(segment_steps, num_steps) -> int | None:
@@ -410,6 +437,11 @@ def _unpack_all(config, xs) -> list:
   return unpack_groups(config.groups, xs, len(config.leaf_names))
 
 
+def _constrained(config: _Config, states) -> list:
+  """The groups' states, each sharded like its leaf where that is sharded."""
+  return [_sharding.constrain(s, g.sharding, g.shapes[0]) for s, g in zip(states, config.groups)]
+
+
 def _params(config: _Config, states) -> list:
   """The float params (leaves, params order) of the groups' exact weights.
 
@@ -438,7 +470,10 @@ def _fresh_codes(config: _Config, states):
   element: ``2 t + 1`` for a non-finite gradient first seen at step t, ``2 t`` for an
   overflow (reduced once after the loop, not every step)."""
   scalar_codes = {c: [jnp.int32(-1)] * len(states) for c in config.hyper_checks + ("buffer",)}
-  element_codes = [jnp.full(s.buffer.head_lo.shape, -1, jnp.int32) for s in states]
+  element_codes = [
+    _sharding.constrain(jnp.full(s.buffer.head_lo.shape, -1, jnp.int32), g.sharding, g.shapes[0])
+    for s, g in zip(states, config.groups)
+  ]
   return scalar_codes, element_codes
 
 
@@ -473,6 +508,7 @@ def _forward_body(config: _Config, h_float, b_float, h_other, b_other, key):
       bad = element_codes[i]
       new_element.append(jnp.where((bad < 0) & (flags.nonfinite | flags.range), code, bad))
       new_states.append(state)
+    new_states = _constrained(config, new_states)
     prints = None
     if config.check_drift:
       prints = jnp.stack(
@@ -486,6 +522,7 @@ def _forward_body(config: _Config, h_float, b_float, h_other, b_other, key):
 def _forward(config: _Config, params, h_float, b_float, h_other, b_other, key):
   rule = config.rule
   states, oks = zip(*(rule.init(g.pack(params), g.rows) for g in config.groups))
+  states = _constrained(config, states)
   init_ok = [jnp.all(ok) for ok in _unpack_all(config, oks)]
   body = _forward_body(config, h_float, b_float, h_other, b_other, key)
   init = (list(states), _params(config, states), *_fresh_codes(config, states))
@@ -652,6 +689,8 @@ def _run_bwd(config: _Config, saved, cotangents):
     tuple(g.pack([_dense(x, _compute_dtype(p.dtype)) for x, p in zip(d, params0)]) for d in d_opt)
     for g in groups
   )
+  d_w = _constrained(config, d_w)
+  d_opt = tuple(_constrained(config, d_opt))
   d_h = [jnp.zeros_like(x) for x in h_float] if need_h else []
   d_b = [jnp.zeros_like(x) for x in b_float] if need_b else []
   # Per check, the first step (from the end) that failed: the hyperparameter
@@ -663,7 +702,7 @@ def _run_bwd(config: _Config, saved, cotangents):
   def begin(states, last):
     """The loop carry's exact part for a segment whose last step is ``last``."""
     values = hyper(h_float, last)
-    states = _undo_params(config, states, values, last)
+    states = _constrained(config, _undo_params(config, states, values, last))
     return states, _params(config, states), values
 
   grads = (d_w, d_opt, d_h, d_b, drift0)
@@ -737,10 +776,13 @@ def _reverse_body(config: _Config, prints, need_h, need_b, h_float, b_float, h_o
       batch_f if need_b else [],
     )
     g = [group.pack(g) for group in groups]
-    states = [
-      _reverse.undo_state(rule, s, g_i, _group_hp(config, values, group), t)
-      for s, g_i, group in zip(states, g, groups)
-    ]
+    states = _constrained(
+      config,
+      [
+        _reverse.undo_state(rule, s, g_i, _group_hp(config, values, group), t)
+        for s, g_i, group in zip(states, g, groups)
+      ],
+    )
     if config.check_drift:
       heads_before = jnp.where(t > 0, prints[jnp.maximum(t - 1, 0), 1], fresh_heads)
       differs = jnp.stack(
@@ -776,7 +818,7 @@ def _reverse_body(config: _Config, prints, need_h, need_b, h_float, b_float, h_o
     # Undo the weight update of step t - 1 (none before the segment's first step).
     earlier_values = hyper(h_float, jnp.maximum(t - 1, 0))
     earlier = _undo_params(config, states, earlier_values, jnp.maximum(t - 1, 0))
-    states = [_select(t > first, e, s) for s, e in zip(states, earlier)]
+    states = _constrained(config, [_select(t > first, e, s) for s, e in zip(states, earlier)])
     carry = (
       states,
       _params(config, states),
@@ -841,7 +883,7 @@ def _reverse_segments(config: _Config, body, begin, states, checkpoints, prints,
   def segment(scan_carry, xs):
     carry, codes = scan_carry
     start, checkpoint = xs
-    rerun = _restore(carry[0], checkpoint)
+    rerun = _constrained(config, _restore(carry[0], checkpoint))
     rerun = (rerun, _params(config, rerun), *_fresh_codes(config, rerun))
     rerun, rerun_prints = lax.scan(forward, rerun, start + jnp.arange(length), unroll=config.unroll)
     carry = (*begin(rerun[0], start + length - 1), *carry[3:])
@@ -897,6 +939,7 @@ def _check_reversal(config: _Config, states, params0, drift, segment_codes) -> j
   initial = [None] * len(params0)
   for state, group in zip(states, config.groups):
     fresh, _ = config.rule.init(group.pack(params0), state.buffer.stack.shape[0])
+    fresh = _sharding.constrain(fresh, group.sharding, group.shapes[0])
     same = _same_start(state, fresh)
     for i in group.leaves:
       initial[i] = ~same

@@ -102,3 +102,9 @@ def fresh_compiles_around_monkeypatch(request):
   yield
   if patches:
     jax.clear_caches()
+
+
+def default_and_slow(names, default=()):
+  """pytest params of ``names``: those in ``default`` run in the default suite, the others are
+  marked ``slow`` (CI runs both tiers; the default suite stays short for the edit-test loop)."""
+  return [pytest.param(n, marks=() if n in default else pytest.mark.slow) for n in names]

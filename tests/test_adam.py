@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import cross_entropy, digits_data, init_mlp, words_equal
+from conftest import cross_entropy, default_and_slow, digits_data, init_mlp, words_equal
 from oracle import assert_tree_close
 from test_sgd import train_then_reverse
 
@@ -40,7 +40,7 @@ ROUND_TRIPS = {
 }
 
 
-@pytest.mark.parametrize("name", list(ROUND_TRIPS))
+@pytest.mark.parametrize("name", default_and_slow(ROUND_TRIPS))
 def test_round_trip_on_digits_is_bit_exact(name):
   tx = ROUND_TRIPS[name]()
   params = init_mlp(jax.random.key(0))
@@ -89,7 +89,7 @@ TRAJECTORIES = {
 }
 
 
-@pytest.mark.parametrize("name", list(TRAJECTORIES))
+@pytest.mark.parametrize("name", default_and_slow(TRAJECTORIES, default=("adamw",)))
 def test_trajectory_matches_optax_with_the_same_unquantized_arguments(name):
   ours, theirs = TRAJECTORIES[name]
   p, s, q, r = _trajectories(ours(), theirs())
@@ -137,15 +137,17 @@ def _used_bits_per_step(tx, num_steps):
   "name, tx, ideal",
   [
     ("adam", lambda: revoptax.reversible_adam(1e-3, max_steps=NUM_STEPS), [0.9, 0.999]),
-    (
+    pytest.param(
       "adamw",
       lambda: revoptax.reversible_adamw(1e-3, weight_decay=0.1, max_steps=NUM_STEPS),
       [0.9, 0.999, 1 - 1e-4],
+      marks=pytest.mark.slow,
     ),
-    (
+    pytest.param(
       "adam_low_b1",
       lambda: revoptax.reversible_adam(1e-3, b1=0.5, max_steps=NUM_STEPS),
       [0.5, 0.999],
+      marks=pytest.mark.slow,
     ),
   ],
 )

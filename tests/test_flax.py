@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from conftest import words_equal
+from conftest import default_and_slow, words_equal
 from flax import nnx
 from flax.training import train_state
 
@@ -35,7 +35,7 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", default_and_slow(OPTIMIZERS, default=("sgd",)))
 def test_nnx_optimizer_digits_round_trip(digits, name):
   """Minibatch steps forward in nnx.Optimizer, as many back: initial words exactly."""
   xb, yb, _, _ = digits
@@ -95,7 +95,7 @@ LINEN_OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("name", list(LINEN_OPTIMIZERS))
+@pytest.mark.parametrize("name", default_and_slow(LINEN_OPTIMIZERS, default=("sgd",)))
 def test_linen_train_state_round_trip(digits, name):
   xb, yb, _, _ = digits
   num_steps = 200

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_mlp, words_equal
+from conftest import default_and_slow, init_mlp, words_equal
 from oracle import assert_tree_close
 from test_adam import NUM_STEPS, _trajectories, _used_bits_per_step, digits_grad_at
 from test_sgd import train_then_reverse
@@ -31,7 +31,7 @@ ROUND_TRIPS = {
 }
 
 
-@pytest.mark.parametrize("name", list(ROUND_TRIPS))
+@pytest.mark.parametrize("name", default_and_slow(ROUND_TRIPS))
 def test_round_trip_on_digits_is_bit_exact(name):
   tx = ROUND_TRIPS[name]()
   params = init_mlp(jax.random.key(0))
@@ -54,7 +54,7 @@ TRAJECTORIES = {
 }
 
 
-@pytest.mark.parametrize("name", list(TRAJECTORIES))
+@pytest.mark.parametrize("name", default_and_slow(TRAJECTORIES, default=("plain",)))
 def test_trajectory_matches_optax_with_the_same_unquantized_arguments(name):
   kwargs = TRAJECTORIES[name]
   p, _, q, _ = _trajectories(
