@@ -278,7 +278,10 @@ def _check_on_host(host, failed, *values, token: bool = False):
     host(*(np.asarray(x) for x in values))
     return jnp.zeros((), jnp.int32) if token else None
   if not token:
-    jax.lax.cond(failed(), lambda: jax.debug.callback(host, *values), lambda: None)
+    # partitioned: every device (so every process) runs the check on its copy of the codes.
+    jax.lax.cond(
+      failed(), lambda: jax.debug.callback(host, *values, partitioned=True), lambda: None
+    )
     return None
   first = jnp.asarray(values[0], jnp.int32)
 
