@@ -1,4 +1,5 @@
-"""What the examples share: the digits splits, the command line, and writing results."""
+"""What the examples share: the digits splits, the command line, resumable meta-runs, and
+writing results."""
 
 from __future__ import annotations
 
@@ -124,7 +125,93 @@ def parser(doc: str, out: str, steps: int, meta_steps: int) -> argparse.Argument
   p.add_argument("--out", default=out, help="output folder")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+  p.add_argument(
+    "--checkpoint-every",
+    type=int,
+    default=0,
+    help="save the meta-run (Orbax) every N meta-steps in OUT/checkpoints (0: never)",
+  )
+  p.add_argument(
+    "--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints"
+  )
   return p
+
+
+def meta_learn(meta_step, hp, opt_state, seeds, args, out: Path, desc: str = "meta-learning"):
+  """Run ``hp, opt_state, loss = meta_step(hp, opt_state, seed)`` for each of ``seeds``.
+
+  With ``args.checkpoint_every`` the run is saved in ``out/checkpoints``
+  (:class:`MetaCheckpoints`); with ``args.resume`` it continues from there.
+  The training seed of meta-step ``i`` is ``seeds[i]``, so the step count is
+  the whole RNG state.  Returns ``(hp, opt_state, history)``, ``history`` the
+  meta-loss of every meta-step (a list of floats).
+  """
+  from tqdm import tqdm
+
+  checkpoints = MetaCheckpoints(out / "checkpoints", args.checkpoint_every, len(seeds), args.resume)
+  done, (hp, opt_state), history = checkpoints.restore((hp, opt_state))
+  bar = tqdm(range(done, len(seeds)), desc=desc, initial=done, total=len(seeds))
+  for i in bar:
+    hp, opt_state, loss = meta_step(hp, opt_state, int(seeds[i]))
+    history[i] = float(loss)
+    bar.set_postfix(meta_loss=f"{history[i]:.4f}")
+    checkpoints.save(i + 1, (hp, opt_state), history)
+  checkpoints.close()
+  return hp, opt_state, history.tolist()
+
+
+class MetaCheckpoints:
+  """Orbax checkpoints of a meta-run: hyperparameters, meta-optimizer state, RNG, history.
+
+  Saved every ``every`` meta-steps (the step count is the number of meta-steps
+  done), so a run restored with :meth:`restore` continues bit for bit: the
+  meta-step is a deterministic function of the saved state and of the step
+  index (which picks the training seed), and the history is kept as a
+  ``float64[meta_steps]`` array (NaN where not yet run).
+
+  Example::
+
+    checkpoints = MetaCheckpoints(out / "checkpoints", every=10, meta_steps=200)
+    start, (hp, opt_state, key), history = checkpoints.restore((hp, opt_state, key))
+    for i in range(start, 200):
+      hp, opt_state, loss = meta_step(hp, opt_state, i)
+      history[i] = loss
+      checkpoints.save(i + 1, (hp, opt_state, key), history)
+  """
+
+  def __init__(self, directory: Path, every: int, meta_steps: int, resume: bool = False):
+    import orbax.checkpoint as ocp
+
+    self._ocp = ocp
+    self.every = every
+    self.meta_steps = meta_steps
+    self.resume = resume
+    self.manager = None
+    if every > 0 or resume:
+      options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=max(every, 1))
+      self.manager = ocp.CheckpointManager(Path(directory).resolve(), options=options)
+
+  def restore(self, state):
+    """``(start, state, history)``: from the latest checkpoint with ``--resume``, else fresh."""
+    history = np.full((self.meta_steps,), np.nan)
+    latest = self.manager.latest_step() if self.manager is not None and self.resume else None
+    if latest is None:
+      return 0, state, history
+    target = {"state": state, "history": history}
+    restored = self.manager.restore(latest, args=self._ocp.args.StandardRestore(target))
+    return latest, restored["state"], np.asarray(restored["history"])
+
+  def save(self, done: int, state, history) -> None:
+    """Save after ``done`` meta-steps, if ``done`` is a multiple of ``every``."""
+    if self.manager is None or self.every <= 0 or done % self.every:
+      return
+    item = {"state": state, "history": np.asarray(history, np.float64)}
+    self.manager.save(done, args=self._ocp.args.StandardSave(item))
+
+  def close(self) -> None:
+    if self.manager is not None:
+      self.manager.wait_until_finished()
+      self.manager.close()
 
 
 def plot_meta_curve(history, path):

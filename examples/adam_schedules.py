@@ -33,7 +33,6 @@ import numpy as np
 import optax
 from flax import nnx
 from learn_schedules import BATCH, EVAL_SEEDS, LAYERS, MLP, cross_entropy, evaluate, interpolate
-from tqdm import tqdm
 
 import revoptax
 
@@ -179,12 +178,9 @@ def main(argv=None):
   hp, opt_state = hp0, meta_opt.init(hp0)
   seeds = args.seed * 1_000_003 + np.arange(args.meta_steps)
   start = time.time()
-  history = []
-  bar = tqdm(range(args.meta_steps), desc="meta-learning Adam's schedule")
-  for i in bar:
-    hp, opt_state, loss = meta_step(hp, opt_state, int(seeds[i]))
-    history.append(float(loss))
-    bar.set_postfix(meta_loss=f"{history[-1]:.4f}")
+  hp, opt_state, history = _common.meta_learn(
+    meta_step, hp, opt_state, seeds, args, out, desc="meta-learning Adam's schedule"
+  )
   meta_seconds = time.time() - start
 
   unseen = [int(s) for s in seeds[-1] + 1 + np.arange(EVAL_SEEDS)]

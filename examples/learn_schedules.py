@@ -1,7 +1,7 @@
 """Meta-learn learning-rate and momentum schedules and init scales by exact reversal.
 
     python examples/learn_schedules.py [--steps 1000] [--meta-steps 200] [--out DIR]
-                                       [--seed 0] [--quick]
+                                       [--seed 0] [--quick] [--checkpoint-every N] [--resume]
 
 The experiment of Maclaurin, Duvenaud & Adams (ICML 2015, Figs. 2-3) on
 scikit-learn's bundled digits: a 64-50-50-10 tanh MLP (an ``nnx.Module``) is
@@ -24,7 +24,10 @@ minibatch order.  The digits are split once into training (1,000),
 validation (400: the meta-objective) and hypervalidation (397: used by no
 meta-iteration, only to report).  Writes to ``--out`` (default
 ``runs/learn_schedules/``): ``schedules.png``, ``init_scales.png``,
-``meta_curve.png`` and ``results.json``.
+``meta_curve.png`` and ``results.json``.  ``--checkpoint-every N`` saves the
+meta-run (hyperparameters, Adam's state, the step count that picks the seeds,
+the history) with Orbax in ``OUT/checkpoints`` every N meta-steps;
+``--resume`` continues from the latest one, bit for bit.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ import matplotlib
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 import revoptax
 
@@ -279,12 +281,7 @@ def main(argv=None):
     f"{scan_bytes / 1e6:.0f} MB"
   )
 
-  history = []
-  bar = tqdm(range(args.meta_steps), desc="meta-learning")
-  for i in bar:
-    hp, opt_state, loss = meta_step(hp, opt_state, int(seeds[i]))
-    history.append(float(loss))
-    bar.set_postfix(meta_loss=f"{history[-1]:.4f}")
+  hp, opt_state, history = _common.meta_learn(meta_step, hp, opt_state, seeds, args, out)
   meta_seconds = time.time() - start
 
   # Before and after, each trained from EVAL_SEEDS seeds no meta-iteration used.

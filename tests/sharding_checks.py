@@ -1,13 +1,15 @@
-"""Sharded params: run by test_sharding.py in a subprocess with 8 host devices.
+"""Sharded params: run by test_sharding.py in a subprocess with 8 host devices (and by
+benchmarks/gpu.sh on a GPU machine's devices).
 
 Kept out of the main process, whose JAX has one CPU device.  Not collected on
 its own (the file name does not start with test_).
 
 A 64-256-256-16 MLP (86,544 params) whose weight matrices are sharded over 8
-devices (tensor-parallel columns, FSDP rows): the hypergradient equals the one
-computed on one device within float tolerance (the sharded gradient sums in
-another order), and the exact state and the buffer follow each leaf's
-sharding, so the per-device XLA memory of the hypergradient falls.
+devices (tensor-parallel columns, FSDP rows; every size divides by 8, 4 and
+2): the hypergradient equals the one computed on one device within float
+tolerance (the sharded gradient sums in another order), and the exact state
+and the buffer follow each leaf's sharding, so the per-device XLA memory of
+the hypergradient falls.
 """
 
 from functools import partial
@@ -21,7 +23,9 @@ from jax.sharding import PartitionSpec as P
 
 import revoptax
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
+# 8 devices (the forced host platform of test_sharding.py), or all of a GPU machine's (up to 8).
+NUM_DEVICES = max([n for n in (8, 4, 2) if n <= jax.device_count()], default=1)
+pytestmark = pytest.mark.skipif(NUM_DEVICES < 2, reason="needs 2 or more devices")
 
 SIZES = (64, 256, 256, 16)
 NUM_STEPS = 200
@@ -95,6 +99,11 @@ def shardings(mesh):
   return jax.tree.map(lambda s: NamedSharding(mesh, s), SPECS, is_leaf=lambda s: isinstance(s, P))
 
 
+def memory_bound(at_8: float) -> float:
+  """The bound on per-device memory relative to one device's, ``at_8`` for 8 devices."""
+  return min(1.0, at_8 * 8 / NUM_DEVICES)
+
+
 def assert_close(a, b, rtol=RTOL):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -111,21 +120,21 @@ def one_device():
 
 def test_automatic_axes_shard_the_exact_state_given_the_sharding(one_device):
   reference, temp_one = one_device
-  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+  mesh = jax.make_mesh((NUM_DEVICES,), ("x",), axis_types=(AxisType.Auto,))
   params = jax.device_put(init_params(), shardings(mesh))
   grad = jax.jit(jax.grad(partial(val_loss, sharding=shardings(mesh))))
   temp = grad.lower(HP, params).compile().memory_analysis().temp_size_in_bytes
   # The reversal ended at the initial exact state (checked inside, bit for bit).
   assert_close(grad(HP, params), reference)
-  # Measured 1.28 MB against 7.27 MB on one device.
-  assert temp < 0.3 * temp_one, (temp, temp_one)
+  # Measured on 8 devices: 1.39 MB against 7.31 MB on one device.
+  assert temp < memory_bound(0.3) * temp_one, (temp, temp_one)
   print(f"automatic axes: temp per device {temp} bytes, one device {temp_one}")
 
 
 def test_explicit_axes_are_read_from_the_leaves_under_jit(one_device):
   # FSDP: every weight sharded over its first axis, gathered where it is used.
   reference, temp_one = one_device
-  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+  mesh = jax.make_mesh((NUM_DEVICES,), ("x",), axis_types=(AxisType.Explicit,))
   fsdp = jax.tree.map(lambda w: NamedSharding(mesh, P("x")), init_params())
   params = jax.device_put(init_params(), fsdp)
 
@@ -137,13 +146,13 @@ def test_explicit_axes_are_read_from_the_leaves_under_jit(one_device):
     temp = grad.lower(HP, params).compile().memory_analysis().temp_size_in_bytes
     grads = grad(HP, params)
   assert_close(grads, reference)
-  assert temp < 0.5 * temp_one, (temp, temp_one)
+  assert temp < memory_bound(0.5) * temp_one, (temp, temp_one)  # 8 devices: 2.35 MB
   print(f"explicit axes (FSDP): temp per device {temp} bytes, one device {temp_one}")
 
 
 def test_segments_of_a_sharded_run_give_the_same_hypergradient(one_device):
   reference, _ = one_device
-  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+  mesh = jax.make_mesh((NUM_DEVICES,), ("x",), axis_types=(AxisType.Auto,))
   params = jax.device_put(init_params(), shardings(mesh))
   options = dict(sharding=shardings(mesh), segment_steps=64)
   grads = jax.jit(jax.grad(partial(val_loss, **options)))(HP, params)
@@ -151,6 +160,6 @@ def test_segments_of_a_sharded_run_give_the_same_hypergradient(one_device):
 
 
 def test_a_sharding_of_the_wrong_structure_is_refused():
-  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+  mesh = jax.make_mesh((NUM_DEVICES,), ("x",), axis_types=(AxisType.Auto,))
   with pytest.raises(ValueError, match="sharding must have the structure of params"):
     val_loss(HP, init_params(), sharding={"layer0": NamedSharding(mesh, P())})

@@ -4,6 +4,7 @@ import gzip
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,34 @@ def test_learn_schedules_quick_learns(tmp_path):
   assert final["val_loss"] < initial["val_loss"]
   memory = results["memory_bytes"]
   assert memory["exact_reversal"] < memory["lax_scan"] / 10
+
+
+@pytest.mark.slow
+def test_a_killed_meta_run_resumes_bit_identically(tmp_path):
+  # Quick mode, 12 meta-steps, an Orbax checkpoint every 4: killed (SIGKILL) once the
+  # checkpoint after 4 meta-steps is on disk, resumed, and compared with a run never stopped.
+  options = ("--quick", "--meta-steps", "12", "--checkpoint-every", "4")
+  whole, _ = quick_results("learn_schedules.py", tmp_path / "whole", (), *options[1:])
+  killed = tmp_path / "killed"
+  process = subprocess.Popen(
+    [sys.executable, str(ROOT / "examples" / "learn_schedules.py"), *options, "--out", str(killed)],
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  deadline = time.time() + 600
+  while not (killed / "checkpoints" / "4").is_dir() and process.poll() is None:
+    assert time.time() < deadline, "no checkpoint after 4 meta-steps"
+    time.sleep(0.2)
+  process.kill()
+  process.wait()
+  assert not (killed / "results.json").exists(), "the run finished before it was killed"
+  saved = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and max(saved) < 12, saved
+  resumed, stdout = quick_results("learn_schedules.py", killed, (), *options[1:], "--resume")
+  assert resumed["hyperparameters"] == whole["hyperparameters"]
+  assert resumed["history"] == whole["history"]
+  assert resumed["final"] == whole["final"]
 
 
 @pytest.mark.slow
