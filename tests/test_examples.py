@@ -79,6 +79,20 @@ def test_a_killed_meta_run_resumes_bit_identically(tmp_path):
 
 
 @pytest.mark.slow
+def test_population_quick_searches_with_hypergradients(tmp_path):
+  results, _ = quick_results("population.py", tmp_path, ("population.png",))
+  summary = results["summary"]
+  assert set(summary) == {"random search", "population descent", "BayesOpt with gradients"}
+  assert results["runs_per_method"] == 16
+  for method in summary.values():
+    assert len(method["best_so_far_median"]) == 16
+  # Each member follows its hypergradient: the population's mean loss falls.
+  # Observed in quick mode: 0.40 in round 1, 0.21 in round 4.
+  means = summary["population descent"]["round_means_first_repeat"]
+  assert means[-1] < 0.8 * means[0], means
+
+
+@pytest.mark.slow
 def test_adam_schedules_quick_learns(tmp_path):
   figures = ("adam_schedules.png", "meta_curve.png")
   results, _ = quick_results("adam_schedules.py", tmp_path, figures)
