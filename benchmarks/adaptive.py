@@ -47,11 +47,14 @@ B1, B2, EPS, WD, DECAY, MOMENTUM, LR = 0.9, 0.999, 1e-8, 1e-2, 0.9, 0.9, 1e-3
 
 
 def _applied(rate):
-  """The rate the exact rules apply: ``1 - round(float32(1 - rate) 2**32) / 2**32``.  The
-  baselines use it: RMSProp here moves its per-step hypergradients by 2% at T = 1,000 when
-  ``decay`` moves by 1.5e-8 (measured in float64), so unquantized baselines would compare
-  two different training runs."""
-  return 1 - float(np.round(np.float32(1 - rate) * 2.0**32)) / 2**32
+  """The rate the exact rules apply to a rate given as a Python float: ``1 - m / 2**32`` with
+  ``m = round((1 - float32(rate)) 2**32)``, ``1 - float32(rate)`` in float32 (as
+  ``revoptax._moments.rate_scale`` computes it in JAX's default 32-bit mode).  The baselines
+  use it: RMSProp here moves its per-step hypergradients by 2% at T = 1,000 when ``decay``
+  moves by 1.5e-8 (measured in float64), so baselines at other rates would compare two
+  different training runs."""
+  lam = np.float32(1) - np.float32(rate)
+  return 1 - float(np.round(np.float64(lam) * 2.0**32)) / 2**32
 
 
 def _loss(params, hparams, batch):

@@ -10,6 +10,7 @@
 #   exactness.xml/.log  round trips, drift checks, segments and oracles on the GPU (pytest)
 #   sharding.xml/.log   sharded params on all local GPUs (up to 8; skipped with one)
 #   hypergradient.json  the quick hypergradient benchmark (time and XLA memory vs baselines)
+#   offload_memory.json device and host memory against T: reversal, segments, offloaded buffer
 # and exits non-zero if any check failed.
 set -u
 cd "$(dirname "$0")/.."
@@ -35,6 +36,9 @@ python -m pytest -q -p no:cacheprovider --junitxml="$OUT/exactness.xml" \
 
 python benchmarks/hypergradient.py --quick --out "$OUT/hypergradient.json" \
   > "$OUT/hypergradient.log" 2>&1 || status=1
+
+python benchmarks/offload_memory.py --out "$OUT/offload_memory.json" \
+  > "$OUT/offload_memory.log" 2>&1 || status=1
 
 tail -n 3 "$OUT"/*.log
 exit $status

@@ -70,6 +70,7 @@ class _Config:
   on_drift: str
   unroll: int
   segment_steps: int | None
+  offload_buffer: bool
 
   @property
   def learned_map(self) -> dict[str, bool]:
@@ -91,6 +92,7 @@ def train(
   on_drift: str = "raise",
   unroll: int = 1,
   segment_steps: int | None = None,
+  offload_buffer: bool = False,
   sharding=None,
   **hyperparameters: Callable,
 ):
@@ -139,6 +141,11 @@ def train(
       regenerate its rows, then reverses it (memory ``ceil(T / K)`` exact
       states plus ``K`` steps of buffer; time about one more forward pass;
       the same hypergradient bit for bit).  Default: one segment.
+    offload_buffer: with ``segment_steps``, keep every finished segment's
+      buffer rows (and its stored state) in host memory (JAX's ``Host``
+      memory space) instead of re-running the segment: the backward pass
+      streams each segment's rows back to the device before reversing it, so
+      device memory holds one segment's buffer whatever ``T``.
     sharding: optional pytree with the structure of ``params`` holding a
       ``jax.sharding.NamedSharding`` (or None) per leaf.  A sharded leaf's
       exact state and buffer are sharded like it.  Needed only for leaves
@@ -181,6 +188,11 @@ def train(
   rule = MomentumSGDRule() if rule is None else rule
   _check_options(rule, num_steps, on_drift, hyperparameters)
   segment_steps = _segment_option(segment_steps, num_steps)
+  if offload_buffer and segment_steps is None and num_steps > 1:
+    raise ValueError(
+      f"{API}: offload_buffer moves each finished segment's buffer rows to host memory; pass "
+      "segment_steps=K too (the rows of K steps stay on the device)."
+    )
   hyperparameters = {
     **{n: _constant(v) for n, v in rule.defaults.items() if n not in hyperparameters},
     **hyperparameters,
@@ -248,6 +260,7 @@ def train(
     on_drift=on_drift,
     unroll=unroll,
     segment_steps=segment_steps,
+    offload_buffer=bool(offload_buffer),
   )
   w_T, state_T, fails = _run_compiled(config, leaves, h_float, b_float, h_other, b_other, key)
   if any(isinstance(x, jax.core.Tracer) for x in fails.values()):
@@ -557,6 +570,25 @@ def _without_rows(state):
   return state._replace(buffer=state.buffer._replace(stack=None, row_step=None))
 
 
+HOST, DEVICE = jax.memory.Space.Host, jax.memory.Space.Device
+
+
+def _to_memory(tree, space):
+  return jax.tree.map(lambda x: jax.device_put(x, space), tree)
+
+
+def _rows(states):
+  """Per state, its buffer's rows: ``(stack, row_step, size)``."""
+  return [(s.buffer.stack, s.buffer.row_step, s.buffer.size) for s in states]
+
+
+def _with_rows(states, rows):
+  return [
+    s._replace(buffer=s.buffer._replace(stack=stack, row_step=row_step, size=size))
+    for s, (stack, row_step, size) in zip(states, rows)
+  ]
+
+
 def _restore(states, checkpoint):
   """The checkpointed states, holding the stacks of ``states`` as free space."""
   return [
@@ -579,11 +611,14 @@ def _forward_segments(config: _Config, body, carry):
     carry, prints = lax.scan(
       body, (states, *carry[1:]), start + jnp.arange(length), unroll=config.unroll
     )
-    return carry, (checkpoint, prints)
+    if not config.offload_buffer:
+      return carry, (checkpoint, prints)
+    return carry, (_to_memory(checkpoint, HOST), prints, _to_memory(_rows(carry[0]), HOST))
 
   prints, checkpoints = [], None
   if len(starts) > 1:
-    carry, (checkpoints, full_prints) = lax.scan(segment, carry, jnp.asarray(starts[:-1]))
+    carry, (checkpoints, full_prints, *rows) = lax.scan(segment, carry, jnp.asarray(starts[:-1]))
+    checkpoints = (checkpoints, *rows)
     prints.append(full_prints)
   states, last_checkpoint = _begin_segment(carry[0])
   carry, last_prints = lax.scan(
@@ -861,6 +896,7 @@ def _reverse_segments(config: _Config, body, begin, states, checkpoints, prints,
   of the latest segment where it did not (or -1).
   """
   full_checkpoints, last_checkpoint = checkpoints
+  full_checkpoints, *full_rows = (None,) if full_checkpoints is None else full_checkpoints
   starts, length = _segment_starts(config), config.segment_steps
   forward = _forward_body(config, *inputs)
 
@@ -882,18 +918,30 @@ def _reverse_segments(config: _Config, body, begin, states, checkpoints, prints,
 
   def segment(scan_carry, xs):
     carry, codes = scan_carry
-    start, checkpoint = xs
-    rerun = _constrained(config, _restore(carry[0], checkpoint))
-    rerun = (rerun, _params(config, rerun), *_fresh_codes(config, rerun))
-    rerun, rerun_prints = lax.scan(forward, rerun, start + jnp.arange(length), unroll=config.unroll)
-    carry = (*begin(rerun[0], start + length - 1), *carry[3:])
-    if config.check_drift:
+    start, checkpoint, *rows = xs
+    if config.offload_buffer:
+      # The segment's rows back from host memory; the rest of the state is where the
+      # reversal of the next segment left it.
+      checkpoint = _to_memory(checkpoint, DEVICE)
+      ending = _constrained(config, _with_rows(carry[0], _to_memory(rows[0], DEVICE)))
+    else:
+      rerun = _constrained(config, _restore(carry[0], checkpoint))
+      rerun = (rerun, _params(config, rerun), *_fresh_codes(config, rerun))
+      rerun, rerun_prints = lax.scan(
+        forward, rerun, start + jnp.arange(length), unroll=config.unroll
+      )
+      ending = rerun[0]
+    carry = (*begin(ending, start + length - 1), *carry[3:])
+    if config.check_drift and not config.offload_buffer:
       carry = (*carry[:7], _rerun_drift(carry[7], rerun_prints, prints, start))
     carry = reverse(carry, start, None)
     return (carry, check(codes, carry[0], checkpoint, start)), None
 
   (carry, codes), _ = lax.scan(
-    segment, (carry, codes), (jnp.asarray(starts[:-1]), full_checkpoints), reverse=True
+    segment,
+    (carry, codes),
+    (jnp.asarray(starts[:-1]), full_checkpoints, *full_rows),
+    reverse=True,
   )
   return carry, codes
 
