@@ -22,6 +22,8 @@ Usage::
   python benchmarks/hypergradient.py            # full defaults (~25 min, 2 cores)
   python benchmarks/hypergradient.py --quick    # T=100 only, to test the script
   python benchmarks/hypergradient.py --cpus 1 --steps 1000 --append  # pinned rows too
+  python benchmarks/hypergradient.py --with-wide-10k --models wide --steps 10000 \
+      --only revoptax,sqrt_chunks,scan --append  # 108,210 params at T = 10,000
 
 Results go to ``benchmarks/results/hypergradient.json`` and
 ``docs/benchmarks.md`` is regenerated (``--quick`` writes
@@ -52,7 +54,7 @@ ROW_KEYS = ("model", "T", "gamma", "method", "mode", "cpus")
 REFERENCE_MAX_PARAM_STEPS = 11_000_000
 
 
-def default_rows(quick: bool, with_100k: bool = False) -> list[dict]:
+def default_rows(quick: bool, with_100k: bool = False, with_wide_10k: bool = False) -> list[dict]:
   """The (model, T, gamma, method) rows of the default run."""
   rows = []
 
@@ -71,6 +73,8 @@ def default_rows(quick: bool, with_100k: bool = False) -> list[dict]:
     add("digits", 1000, gamma)
   for num_steps in (100, 1000):
     add("wide", num_steps, 0.9)
+  if with_wide_10k:  # 108,210 params at T = 10,000 (about 10 minutes)
+    add("wide", 10000, 0.9, timeout=1800)
   if with_100k:
     add("digits", 100000, 0.9, methods=("revoptax",), timeout=3600)
   else:  # compile only: XLA memory at T = 100,000 (timing it takes ~30 min)
@@ -315,6 +319,11 @@ def main(argv=None):
     action="store_true",
     help="time revoptax at T=100,000 (~30 min) instead of compiling all methods there",
   )
+  parser.add_argument(
+    "--with-wide-10k",
+    action="store_true",
+    help="also the 108,210-param MLP at T=10,000 (about 10 minutes with --only revoptax,...)",
+  )
   parser.add_argument("--only", help="comma-separated methods to run (default: all)")
   parser.add_argument("--steps", help="comma-separated T values to run (default: all)")
   parser.add_argument("--models", help="comma-separated models to run (default: all)")
@@ -342,7 +351,9 @@ def main(argv=None):
     print("RESULT " + json.dumps(result), flush=True)
     return
 
-  rows = [r | {"cpus": args.cpus} for r in default_rows(args.quick, args.with_100k)]
+  rows = [
+    r | {"cpus": args.cpus} for r in default_rows(args.quick, args.with_100k, args.with_wide_10k)
+  ]
   for flag, key, parse in (
     ("only", "method", str),
     ("steps", "T", int),
