@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import multiprocess_checks as checks
 import numpy as np
+import pytest
 
 HERE = Path(__file__).resolve().parent
 # Observed 2e-7 (the all-reduced batch mean sums in another order than one device's).
@@ -60,6 +61,7 @@ def relative_difference(a, b) -> float:
   return max(diffs)
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one_and_report_a_fault_in_either(tmp_path):
   ran = launch(tmp_path)
   for i, (code, out) in enumerate(ran):

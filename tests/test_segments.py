@@ -127,6 +127,7 @@ def test_offload_without_segments_is_refused():
     hypergradient(NUM_STEPS, None, offload_buffer=True, **SGD)
 
 
+@pytest.mark.slow
 def test_buffer_holds_one_segment_so_memory_falls_where_the_buffer_dominates():
   # Momentum 0.5 costs 1 bit per parameter per step: at T = 8,000 the buffer
   # (about 250 rows of 32 bits per parameter) dwarfs what K = 1,000 keeps: 8

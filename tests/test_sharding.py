@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_sharded_params_on_8_devices():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   result = subprocess.run(

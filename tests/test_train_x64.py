@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from revoptax import FixedPointFormat
 from revoptax import _buffer as buffer_lib
@@ -14,6 +15,7 @@ from revoptax import _buffer as buffer_lib
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_float64_oracles_and_x64_bit_identity(tmp_path):
   # Words computed here, in 32-bit mode, for the bit-identity check over there.
   rng = np.random.default_rng(0)
