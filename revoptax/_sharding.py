@@ -8,9 +8,12 @@ kind the leaf's sharding, the stack the same sharding behind an unsharded row
 axis, and leaves the rest replicated, so the state and the buffer of a leaf
 sharded over ``N`` devices take ``1/N`` of their memory on each.
 
-Every exact operation is elementwise over the leaf (no collective), so the
-sharded state is bit for bit the unsharded one; only the gradient, which the
-loss computes, may communicate (see ``docs/scale.md``).
+Every exact operation is elementwise over the leaf except two reductions
+that are exact in any order: the spill decision (a boolean OR over the
+leaf's heads) and the fingerprints (sums of integers modulo ``2**32``).  So
+the sharded state is bit for bit the unsharded one given the same gradients;
+only the gradient, which the loss computes, may communicate in float (see
+``docs/scale.md``).
 
 Works with both of JAX's sharding modes: explicit axes (``jax.make_mesh``'s
 default; the sharding is part of the type, also under ``jit``) through
