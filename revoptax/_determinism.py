@@ -84,3 +84,9 @@ def fingerprint_all(grads) -> jax.Array:
   for i, g in enumerate(grads):
     total = total + fingerprint(g) * jnp.uint32(2 * i + 1)
   return total
+
+
+def first_drift(drift, differs, t):
+  """``drift`` (``int32[checks]``) with step ``t`` recorded for each check in ``differs``,
+  unless one was recorded already: the first detection, going backwards, names the cause."""
+  return jnp.where(jnp.any(drift >= 0), drift, jnp.where(differs, t, -1)).astype(jnp.int32)

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from revoptax import _determinism
+
 HOST, DEVICE = jax.memory.Space.Host, jax.memory.Space.Device
 
 
@@ -76,12 +78,6 @@ def same_state(state, checkpoint) -> jax.Array:
   return same
 
 
-def first_drift(drift, differs, t):
-  """``drift`` with step ``t`` recorded for each check in ``differs``, unless one was
-  recorded already (the first detection, from the end, names the cause)."""
-  return jnp.where(jnp.any(drift >= 0), drift, jnp.where(differs, t, -1)).astype(jnp.int32)
-
-
 def rerun_drift(drift, rerun_prints, prints, start):
   """``drift`` with the earliest step at which a segment's re-run differs from the forward
   pass (its fingerprints ``[K, 3]`` against the forward pass's ``[T, 3]`` from ``start``),
@@ -90,5 +86,5 @@ def rerun_drift(drift, rerun_prints, prints, start):
   # Columns (gradient, heads after the step, values) to the checks' order (values, gradient, heads).
   differs = (rerun_prints != saved)[:, jnp.array([2, 0, 1])]
   earliest = jnp.argmax(jnp.any(differs, axis=1))
-  found = first_drift(drift, differs[earliest], start + earliest)
+  found = _determinism.first_drift(drift, differs[earliest], start + earliest)
   return jnp.where(jnp.any(differs), found, drift)

@@ -41,7 +41,7 @@ from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from revoptax import _buffer as buffer_lib
 from revoptax import _errors, _hyper, _reverse, _segments, _sharding
-from revoptax._determinism import fingerprint_all, isolated
+from revoptax._determinism import fingerprint_all, first_drift, isolated
 from revoptax._fixed_point import _compute_dtype
 from revoptax._fusion import materialize
 from revoptax._packing import Group, group_leaves, unpack_groups
@@ -211,7 +211,7 @@ def train(
         f"{API}: parameter {name} has dtype {jnp.asarray(leaf).dtype}; params must be "
         "float arrays (integers and other state belong in hparams or batches)."
       )
-  shardings = _leaf_shardings(sharding, params, leaves, names)
+  shardings = _leaf_shardings(sharding, treedef, leaves, names)
   num_batches = _leading_axis(batches)
   _check_no_closure(loss_fn, params, hparams, batches, key)
   for name, fn in hyperparameters.items():
@@ -304,21 +304,17 @@ def _check_options(rule, num_steps, on_drift, hyperparameters):
       )
 
 
-def _leaf_shardings(sharding, params, leaves, names) -> list:
+def _leaf_shardings(sharding, treedef, leaves, names) -> list:
   """Per leaf, the sharding its exact state follows (None: replicated)."""
   if sharding is None:
     return [_sharding.of_leaf(leaf) for leaf in leaves]
-  try:
-    given = jax.tree.flatten(sharding, is_leaf=lambda x: x is None)[0]
-    structure_ok = jax.tree.structure(sharding, is_leaf=lambda x: x is None) == jax.tree.structure(
-      jax.tree.map(lambda _: None, params), is_leaf=lambda x: x is None
-    )
-  except Exception:
-    structure_ok = False
-  if not structure_ok or len(given) != len(leaves):
+  is_none = lambda x: x is None  # noqa: E731
+  given, structure = jax.tree.flatten(sharding, is_leaf=is_none)
+  one_per_leaf = jax.tree.unflatten(treedef, [None] * treedef.num_leaves)
+  if structure != jax.tree.structure(one_per_leaf, is_leaf=is_none):
     raise ValueError(
       f"{API}: sharding must have the structure of params (one NamedSharding or None per "
-      f"leaf), got {jax.tree.structure(sharding)} for params {jax.tree.structure(params)}."
+      f"leaf), got {structure} for params {treedef}."
     )
   return [_sharding.check(s, leaf, name, API) for s, leaf, name in zip(given, leaves, names)]
 
@@ -790,7 +786,7 @@ def _reverse_body(config: _Config, prints, need_h, need_b, h_float, b_float, h_o
           _reverse.heads_print(states) != heads_before,
         ]
       )
-      drift = _segments.first_drift(drift, differs, t)
+      drift = first_drift(drift, differs, t)
     d_values = jax.tree.map(jnp.zeros_like, values)
     new_d_w, new_d_opt, d_g = [], [], []
     for s, g_i, group, dw, dopt in zip(states, g, groups, d_w, d_opt):
@@ -846,8 +842,8 @@ def _reverse_segments(config: _Config, body, begin, states, checkpoints, prints,
   starts, length = _segments.starts(config.num_steps, config.segment_steps), config.segment_steps
   forward = _forward_body(config, *inputs)
 
-  def reverse(carry, start, stop):
-    ts = jnp.arange(length) + start if stop is None else jnp.arange(start, stop)
+  def reverse(carry, start, steps):
+    ts = start + jnp.arange(steps)
     return lax.scan(
       body, carry, (ts, jnp.full_like(ts, start)), reverse=True, unroll=config.unroll
     )[0]
@@ -857,7 +853,7 @@ def _reverse_segments(config: _Config, body, begin, states, checkpoints, prints,
     return [jnp.where((code < 0) & ~ok, start, code) for code, ok in zip(codes, same)]
 
   carry = (*begin(states, config.num_steps - 1), *grads)
-  carry = reverse(carry, int(starts[-1]), config.num_steps)
+  carry = reverse(carry, int(starts[-1]), config.num_steps - int(starts[-1]))
   codes = check([jnp.int32(-1)] * len(states), carry[0], last_checkpoint, int(starts[-1]))
   if len(starts) == 1:
     return carry, codes
@@ -882,7 +878,7 @@ def _reverse_segments(config: _Config, body, begin, states, checkpoints, prints,
     carry = (*begin(ending, start + length - 1), *carry[3:])
     if config.check_drift and not config.offload_buffer:
       carry = (*carry[:7], _segments.rerun_drift(carry[7], rerun_prints, prints, start))
-    carry = reverse(carry, start, None)
+    carry = reverse(carry, start, length)
     return (carry, check(codes, carry[0], checkpoint, start)), None
 
   (carry, codes), _ = lax.scan(
