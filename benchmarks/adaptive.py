@@ -69,45 +69,51 @@ def _wd(hparams, t):
   return jnp.exp(hparams["log_wd"])
 
 
-def _float_adamw(params, hparams, data, num_steps, checkpoint):
-  """AdamW in floats, one ``lax.scan`` (the dynamics of ``AdamRule`` at its applied rates)."""
-  b1, b2 = _applied(B1), _applied(B2)
+def _float_train(params, hparams, data, num_steps, checkpoint, update):
+  """Float training as one ``lax.scan`` (``jax.checkpoint`` on the step if ``checkpoint``):
+  ``(w, s1, s2) = update(w, s1, s2, g, t)`` per step, the two states starting at zero."""
 
   def step(carry, t):
-    w, m, v = carry
+    w = carry[0]
     b = t % data[0].shape[0]
     g = jax.grad(_loss)(w, hparams, (data[0][b], data[1][b]))
+    return update(*carry, g, t), None
+
+  step = jax.checkpoint(step) if checkpoint else step
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  return jax.lax.scan(step, (params, zeros, zeros), jnp.arange(num_steps))[0][0]
+
+
+def _float_adamw(params, hparams, data, num_steps, checkpoint):
+  """AdamW in floats (the dynamics of ``AdamRule`` at its applied rates)."""
+  b1, b2 = _applied(B1), _applied(B2)
+
+  def update(w, m, v, g, t):
     lr, wd = _lr(hparams, t), _wd(hparams, t)
     m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, g)
     v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
     c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
 
-    def update(w, m, v):
+    def weights(w, m, v):
       root = jnp.sqrt(jnp.maximum(v / c2, 1e-30))
       return (1 - lr * wd) * w - lr * (m / c1) / (root + EPS)
 
-    return (jax.tree.map(update, w, m, v), m, v), None
+    return jax.tree.map(weights, w, m, v), m, v
 
-  step = jax.checkpoint(step) if checkpoint else step
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  return jax.lax.scan(step, (params, zeros, zeros), jnp.arange(num_steps))[0][0]
+  return _float_train(params, hparams, data, num_steps, checkpoint, update)
 
 
 def _float_rmsprop(params, hparams, data, num_steps, checkpoint):
+  """RMSProp with momentum in floats (the dynamics of ``RMSPropRule`` at its applied rates)."""
   decay, momentum = _applied(DECAY), _applied(MOMENTUM)
 
-  def step(carry, t):
-    w, v, mom = carry
-    b = t % data[0].shape[0]
-    g = jax.grad(_loss)(w, hparams, (data[0][b], data[1][b]))
+  def update(w, v, mom, g, t):
     lr = _lr(hparams, t)
     v = jax.tree.map(lambda v, g: decay * v + (1 - decay) * g * g, v, g)
     mom = jax.tree.map(lambda mom, g, v: momentum * mom - lr * g / jnp.sqrt(v + EPS), mom, g, v)
-    return (jax.tree.map(lambda w, mom: w + mom, w, mom), v, mom), None
+    return jax.tree.map(lambda w, mom: w + mom, w, mom), v, mom
 
-  step = jax.checkpoint(step) if checkpoint else step
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  return jax.lax.scan(step, (params, zeros, zeros), jnp.arange(num_steps))[0][0]
+  return _float_train(params, hparams, data, num_steps, checkpoint, update)
 
 
 def _revoptax(optimizer):
