@@ -1,5 +1,10 @@
 """Shared fixtures: the digits data and a small MLP, in JAX's default 32-bit mode."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +113,21 @@ def default_and_slow(names, default=()):
   """pytest params of ``names``: those in ``default`` run in the default suite, the others are
   marked ``slow`` (CI runs both tiers; the default suite stays short for the edit-test loop)."""
   return [pytest.param(n, marks=() if n in default else pytest.mark.slow) for n in names]
+
+
+def run_checks(script: str, env_vars: dict, passed: int, cwd=None, timeout: int = 1200) -> str:
+  """Run ``tests/<script>`` with pytest in a subprocess whose environment adds ``env_vars``
+  (e.g. ``JAX_ENABLE_X64``, ``XLA_FLAGS``, read when JAX starts); assert it exits 0 and
+  reports ``passed`` tests passed.  Returns its stdout."""
+  here = Path(__file__).resolve().parent
+  result = subprocess.run(
+    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / script)],
+    cwd=here if cwd is None else cwd,
+    env=dict(os.environ, **env_vars),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+  assert f"{passed} passed" in result.stdout, result.stdout[-3000:]
+  return result.stdout

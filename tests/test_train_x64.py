@@ -1,13 +1,11 @@
 """Runs the float64 checks (x64_checks.py) in a subprocess with x64 switched on."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_checks
 
 from revoptax import FixedPointFormat
 from revoptax import _buffer as buffer_lib
@@ -37,14 +35,9 @@ def test_float64_oracles_and_x64_bit_identity(tmp_path):
     v_lo=np.asarray(v.lo),
     head_lo=np.asarray(buf.head_lo),
   )
-  env = dict(os.environ, JAX_ENABLE_X64="1", REVOPTAX_X32_WORDS=str(words))
-  result = subprocess.run(
-    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "x64_checks.py")],
+  run_checks(
+    "x64_checks.py",
+    {"JAX_ENABLE_X64": "1", "REVOPTAX_X32_WORDS": str(words)},
+    passed=7,
     cwd=HERE.parent,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=1200,
   )
-  assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-  assert "7 passed" in result.stdout, result.stdout[-3000:]
